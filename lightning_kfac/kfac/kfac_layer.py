@@ -1,0 +1,150 @@
+"""KFACLayer: the K-FAC state of one module — adapter, factors ``A`` and ``G``, decompositions.
+
+Capture (DESIGN §2), with ``N`` the batch size and ``s`` the factor by which the backpropagated
+loss was multiplied relative to the micro-batch's mean loss (AMP loss scale, 1/accumulation):
+
+- ``A += Σ_{n,t} a_{n,t} a_{n,t}^T`` with normaliser ``N·T``;
+- ``g_{n,t} = (N / s) · ∂loss/∂s_{n,t}`` (the per-sample output gradient),
+  ``G += Σ_{n,t} g_{n,t} g_{n,t}^T`` with normaliser ``N``.
+
+Over several micro-batches the sums and normalisers add, which equals the factors of the
+concatenated batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+from lightning_kfac.kfac import linalg
+from lightning_kfac.kfac.factors import KroneckerFactor
+from lightning_kfac.kfac.layers import LayerAdapter
+from lightning_kfac.kfac.options import ComputeMethod
+
+T = TypeVar("T")
+
+#: Errors that mean "this decomposition failed", as opposed to a bug.
+DECOMPOSITION_ERRORS = (torch.linalg.LinAlgError, FloatingPointError)
+
+
+class KFACLayer:
+    """K-FAC state of one registered module."""
+
+    def __init__(self, name: str, adapter: LayerAdapter, factor_dtype: torch.dtype) -> None:
+        self.name = name
+        self.adapter = adapter
+        self.a = KroneckerFactor(adapter.a_dim, adapter.blocks, factor_dtype)
+        self.g = KroneckerFactor(adapter.out_features, adapter.blocks, factor_dtype)
+        self.factor_dtype = factor_dtype
+        #: Faults met by the last ``compute_decompositions`` (reported by the preconditioner).
+        self.faults: list[str] = []
+
+    @property
+    def factors(self) -> tuple[KroneckerFactor, KroneckerFactor]:
+        return self.a, self.g
+
+    # -- capture (called from module hooks) ------------------------------------------------
+    def capture_input(self, layer_input: Tensor) -> None:
+        rows = self.adapter.activation_rows(layer_input.detach().to(self.factor_dtype))
+        self.a.accumulate(
+            linalg.covariance_sum(rows, append_ones=self.adapter.has_bias), float(rows.shape[1])
+        )
+
+    def capture_output_gradient(self, output_gradient: Tensor, loss_scale: float | Tensor) -> None:
+        batch = self.adapter.batch_size(output_gradient)
+        rows = self.adapter.output_gradient_rows(output_gradient.detach().to(self.factor_dtype))
+        scale = (batch / loss_scale) ** 2
+        self.g.accumulate(linalg.covariance_sum(rows, append_ones=False) * scale, float(batch))
+
+    # -- decompositions --------------------------------------------------------------------
+    @property
+    def has_factors(self) -> bool:
+        return self.a.value is not None and self.g.value is not None
+
+    @property
+    def has_decomposition(self) -> bool:
+        return self.a.decomposition is not None and self.g.decomposition is not None
+
+    def _with_float64_retry(
+        self, compute: Callable[[torch.dtype], T], dtype: torch.dtype
+    ) -> T | None:
+        """Run ``compute(dtype)``; on failure retry in float64; None if that fails too."""
+        try:
+            return compute(dtype)
+        except DECOMPOSITION_ERRORS as error:
+            if dtype == torch.float64:
+                self.faults.append(f"failed in float64 ({error})")
+                return None
+            self.faults.append(f"failed in {dtype} ({error}); retried in float64")
+        try:
+            return compute(torch.float64)
+        except DECOMPOSITION_ERRORS as error:
+            self.faults.append(f"failed in float64 too ({error})")
+            return None
+
+    def compute_decompositions(
+        self, method: ComputeMethod, damping: float, inverse_dtype: torch.dtype
+    ) -> None:
+        """Decompose both factors; a factor whose decomposition fails gets ``None``.
+
+        Eigen method: ``{"eigenvalues", "eigenvectors"}`` per factor (damping is applied when
+        preconditioning). Inverse method: ``{"inverse"}`` with ``(A + π√λ I)^-1`` and
+        ``(G + √λ/π I)^-1`` (Martens & Grosse 2015, §6.3).
+        """
+        self.faults = []
+        if not self.has_factors:
+            return
+        value_a, value_g = self.a.value, self.g.value
+        assert value_a is not None and value_g is not None
+        if method == ComputeMethod.EIGEN:
+            for factor in self.factors:
+                value = factor.value
+                assert value is not None
+                result = self._with_float64_retry(
+                    lambda dtype, value=value: linalg.symmetric_eigh(value, dtype), inverse_dtype
+                )
+                factor.set_decomposition(
+                    None
+                    if result is None
+                    else {"eigenvalues": result[0], "eigenvectors": result[1]}
+                )
+            return
+        pi = linalg.pi_correction(value_a, value_g)
+        root = torch.as_tensor(damping, dtype=pi.dtype, device=pi.device).sqrt()
+        for factor, shift in ((self.a, pi * root), (self.g, root / pi)):
+            value = factor.value
+            assert value is not None
+            inverse = self._with_float64_retry(
+                lambda dtype, value=value, shift=shift: linalg.shifted_inverse(value, shift, dtype),
+                inverse_dtype,
+            )
+            factor.set_decomposition(None if inverse is None else {"inverse": inverse})
+
+    # -- preconditioning -------------------------------------------------------------------
+    def precondition(
+        self, gradient: Tensor, method: ComputeMethod, damping: float
+    ) -> Tensor | None:
+        """The preconditioned matrix for ``gradient`` (``[B, d_out, d_a]``), None without a
+        decomposition (the caller then keeps the raw gradient)."""
+        da, dg = self.a.decomposition, self.g.decomposition
+        if da is None or dg is None:
+            return None
+        # One factor may have been decomposed in float64 after a retry: compute in the wider type.
+        dtype = torch.promote_types(next(iter(da.values())).dtype, next(iter(dg.values())).dtype)
+        a = {key: value.to(dtype) for key, value in da.items()}
+        g = {key: value.to(dtype) for key, value in dg.items()}
+        if method == ComputeMethod.EIGEN:
+            result = linalg.precondition_eigen(
+                gradient.to(dtype),
+                a["eigenvalues"],
+                a["eigenvectors"],
+                g["eigenvalues"],
+                g["eigenvectors"],
+                damping,
+            )
+        else:
+            result = linalg.precondition_inverse(gradient.to(dtype), a["inverse"], g["inverse"])
+        return result.to(gradient.dtype)

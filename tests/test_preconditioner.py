@@ -1,0 +1,204 @@
+"""KFACPreconditioner on Linear layers against dense per-sample math in float64."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_kfac import KFACPreconditioner
+from tests.helpers import assert_close, dense_damped_kron_solve, per_sample_factors
+
+torch.set_default_dtype(torch.float64)
+
+
+def make_mlp(bias: bool, inplace: bool = True) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(4, 6, bias=bias), nn.ReLU(inplace=inplace), nn.Linear(6, 3, bias=bias)
+    ).double()
+
+
+def batch(n: int = 16, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, generator=gen, dtype=torch.float64), torch.randint(
+        0, 3, (n,), generator=gen
+    )
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("damping", [1e-3, 1e-1, 1.0])
+def test_one_step_equals_dense_solve_from_per_sample_gradients(bias: bool, damping: float) -> None:
+    # The reference differentiates w.r.t. the layer output, which an in-place ReLU would
+    # overwrite: it runs on a twin without in-place ops (same weights, same function).
+    reference_model, model = make_mlp(bias, inplace=False), make_mlp(bias, inplace=True)
+    x, y = batch()
+    references = {
+        name: per_sample_factors(reference_model, layer, x, y, F.cross_entropy, bias=bias)
+        for name, layer in reference_model.named_children()
+        if isinstance(layer, nn.Linear)
+    }
+    pre = KFACPreconditioner(model, damping=damping, kl_clip=None)
+    F.cross_entropy(model(x), y).backward()
+    for name, (_, _, grad) in references.items():
+        layer = pre.layers[name]
+        assert_close(layer.adapter.gradient_matrix()[0], grad, rtol=1e-10, atol=1e-13)
+    pre.step()
+    for name, (A, G, grad) in references.items():
+        layer = pre.layers[name]
+        assert_close(layer.a.value[0], A, rtol=1e-10, atol=1e-13)
+        assert_close(layer.g.value[0], G, rtol=1e-10, atol=1e-13)
+        expected = dense_damped_kron_solve(A, G, grad, damping)
+        assert_close(layer.adapter.gradient_matrix()[0], expected, rtol=1e-7, atol=1e-10)
+
+
+def test_linear_on_sequences_is_weight_sharing_with_expand_convention() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Flatten(), nn.Linear(15, 2)).double()
+    x = torch.randn(8, 3, 4)  # N=8 samples, T=3 positions
+    y = torch.randint(0, 2, (8,))
+    A, G, grad = per_sample_factors(model, model[0], x, y, F.cross_entropy, bias=True)
+    pre = KFACPreconditioner(model, damping=1e-2, kl_clip=None)
+    F.cross_entropy(model(x), y).backward()
+    pre.step()
+    layer = pre.layers["0"]
+    assert_close(layer.a.value[0], A, rtol=1e-10, atol=1e-13)
+    assert_close(layer.g.value[0], G, rtol=1e-10, atol=1e-13)
+    assert_close(
+        layer.adapter.gradient_matrix()[0],
+        dense_damped_kron_solve(A, G, grad, 1e-2),
+        rtol=1e-7,
+        atol=1e-10,
+    )
+
+
+def test_inplace_activation_after_layer_gives_same_factors() -> None:
+    x, y = batch()
+    values = []
+    for inplace in (False, True):
+        model = make_mlp(True, inplace=inplace)
+        pre = KFACPreconditioner(model, kl_clip=None)
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+        values.append([pre.layers[n].g.value for n in ("0", "2")])
+    for plain, inplace in zip(*values, strict=True):
+        assert_close(inplace, plain, rtol=0, atol=0)
+
+
+def test_gradient_accumulation_with_loss_scale_equals_concatenated_batch() -> None:
+    x, y = batch(16)
+    full = make_mlp(True)
+    pre_full = KFACPreconditioner(full, kl_clip=None)
+    F.cross_entropy(full(x), y).backward()
+    pre_full.step()
+
+    accumulated = make_mlp(True)
+    pre_acc = KFACPreconditioner(accumulated, kl_clip=None)
+    pre_acc.loss_scale = 0.5 * 1024.0  # 1/2 for two micro-batches, times an AMP-like scale
+    for half in (slice(0, 8), slice(8, 16)):
+        (F.cross_entropy(accumulated(x[half]), y[half]) * pre_acc.loss_scale).backward()
+    for p in accumulated.parameters():
+        p.grad /= 1024.0
+    pre_acc.step()
+    for name in ("0", "2"):
+        assert_close(pre_acc.layers[name].a.value, pre_full.layers[name].a.value, rtol=1e-12)
+        assert_close(pre_acc.layers[name].g.value, pre_full.layers[name].g.value, rtol=1e-10)
+        assert_close(
+            pre_acc.layers[name].adapter.gradient_matrix(),
+            pre_full.layers[name].adapter.gradient_matrix(),
+            rtol=1e-8,
+            atol=1e-12,
+        )
+
+
+def test_grad_scaler_scale_is_divided_out_of_factors_and_kl_clip() -> None:
+    x, y = batch()
+    plain, scaled = make_mlp(True), make_mlp(True)
+    opt_plain = torch.optim.SGD(plain.parameters(), lr=0.1)
+    opt_scaled = torch.optim.SGD(scaled.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    pre_plain = KFACPreconditioner(plain, optimizer=opt_plain, kl_clip=1e-4)
+    pre_scaled = KFACPreconditioner(scaled, optimizer=opt_scaled, kl_clip=1e-4, grad_scaler=scaler)
+    F.cross_entropy(plain(x), y).backward()
+    pre_plain.step()
+    scaler.scale(F.cross_entropy(scaled(x), y)).backward()
+    pre_scaled.step(grad_scale=scaler.get_scale())  # before unscale_: KL-clip divides it out
+    assert float(pre_plain.last_step_info["kl_scale"]) < 1.0
+    for name in ("0", "2"):
+        assert_close(pre_scaled.layers[name].g.value, pre_plain.layers[name].g.value, rtol=1e-10)
+        assert_close(
+            pre_scaled.layers[name].adapter.gradient_matrix() / scaler.get_scale(),
+            pre_plain.layers[name].adapter.gradient_matrix(),
+            rtol=1e-8,
+            atol=1e-12,
+        )
+
+
+def test_factors_are_fp32_under_bf16_autocast() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).float()
+    x, y = batch()
+    x = x.float()
+    reference = KFACPreconditioner(model, kl_clip=None)
+    F.cross_entropy(model(x), y).backward()
+    reference.step()
+    model.zero_grad()
+    pre = KFACPreconditioner(model, kl_clip=None)
+    reference.remove_hooks()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    pre.step()
+    for name in ("0", "2"):
+        for mine, ref in zip(pre.layers[name].factors, reference.layers[name].factors, strict=True):
+            assert mine.value.dtype == torch.float32
+            # bf16 activations carry ~3 significant digits
+            assert_close(mine.value, ref.value, rtol=5e-2, atol=5e-2)
+
+
+def test_registration_reports_skipped_and_leaves_them_untouched() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+    ).double()
+    model[3].weight.requires_grad_(False)
+    pre = KFACPreconditioner(model, kl_clip=None, skip_modules=["4"])
+    assert list(pre.layers) == ["0", "2"]
+    assert pre.skipped_modules == {
+        "1": "unsupported type BatchNorm1d",
+        "3": "frozen (weight.requires_grad is False)",
+        "4": "matched skip_modules",
+    }
+    x, y = batch()
+    F.cross_entropy(model(x), y).backward()
+    raw = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    pre.step()
+    for name, grad in model.named_parameters():
+        if name.startswith(("1.", "4.", "3.bias")):
+            assert torch.equal(grad.grad, raw[name]), name
+        if name.startswith(("0.", "2.")):
+            assert not torch.equal(grad.grad, raw[name]), name
+    by_pattern = KFACPreconditioner(model, kl_clip=None, skip_modules=["[24]", nn.BatchNorm1d])
+    assert list(by_pattern.layers) == ["0"]
+
+
+def test_no_registered_layer_and_bad_options_raise_clear_errors() -> None:
+    model = make_mlp(True)
+    with pytest.raises(ValueError, match=r"no trainable nn\.Linear"):
+        KFACPreconditioner(model, kl_clip=None, skip_modules=[nn.Linear])
+    with pytest.raises(ValueError, match="pass lr="):
+        KFACPreconditioner(model)
+    with pytest.raises(ValueError, match="factor_update_interval"):
+        KFACPreconditioner(model, kl_clip=None, factor_update_interval=0)
+    with pytest.raises(ValueError, match="compute_method must be one of 'eigen', 'inverse'"):
+        KFACPreconditioner(model, kl_clip=None, compute_method="cholesky")
+
+
+def test_importing_the_package_does_not_import_wandb() -> None:
+    import subprocess
+
+    code = "import sys, lightning_kfac; assert 'wandb' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
