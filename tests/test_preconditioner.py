@@ -202,3 +202,29 @@ def test_importing_the_package_does_not_import_wandb() -> None:
 
     code = "import sys, lightning_kfac; assert 'wandb' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("damping", [1e-3, 1e-1])
+def test_inverse_method_step_equals_dense_factored_tikhonov(damping: float) -> None:
+    reference_model, model = make_mlp(True, inplace=False), make_mlp(True)
+    x, y = batch()
+    A, G, grad = per_sample_factors(
+        reference_model, reference_model[2], x, y, F.cross_entropy, bias=True
+    )
+    pre = KFACPreconditioner(model, damping=damping, kl_clip=None, compute_method="inverse")
+    F.cross_entropy(model(x), y).backward()
+    pre.step()
+    pi = torch.sqrt((torch.trace(A) / A.shape[0]) / (torch.trace(G) / G.shape[0]))
+    damped = torch.kron(
+        A + pi * damping**0.5 * torch.eye(A.shape[0]), G + damping**0.5 / pi * torch.eye(G.shape[0])
+    )
+    expected = torch.linalg.solve(damped, grad.mT.reshape(-1)).reshape(grad.shape[1], -1).mT
+    assert_close(pre.layers["2"].adapter.gradient_matrix()[0], expected, rtol=1e-7, atol=1e-10)
+
+
+def test_registration_is_reported_once_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3)).double()
+    with caplog.at_level("INFO", logger="lightning_kfac"):
+        KFACPreconditioner(model, kl_clip=None)
+    records = [r.getMessage() for r in caplog.records if "K-FAC registered" in r.getMessage()]
+    assert records == ["K-FAC registered 2 layers: 0, 2; skipped: 1 (unsupported type LayerNorm)"]
