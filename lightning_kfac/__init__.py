@@ -1,7 +1,21 @@
-"""lightning-kfac: distributed K-FAC and mixup for PyTorch Lightning."""
+"""lightning-kfac: distributed K-FAC and mixup for PyTorch Lightning.
 
+``import lightning_kfac`` registers the strategy names ``kfac_ddp``, ``kfac_ddp_spawn`` and
+``kfac_ddp_fork`` with ``pytorch_lightning``; ``import lightning_kfac.lightning`` does the same
+for the unified ``lightning.pytorch`` package.
+"""
+
+from lightning_kfac.distributed import DistributionMode
 from lightning_kfac.kfac import ComputeMethod, KFACNumericalWarning, KFACPreconditioner
+from lightning_kfac.pytorch_lightning import KFACDDPStrategy
 
 __version__ = "0.1.0"
 
-__all__ = ["ComputeMethod", "KFACNumericalWarning", "KFACPreconditioner", "__version__"]
+__all__ = [
+    "ComputeMethod",
+    "DistributionMode",
+    "KFACDDPStrategy",
+    "KFACNumericalWarning",
+    "KFACPreconditioner",
+    "__version__",
+]

@@ -10,7 +10,12 @@ from torch import nn
 from lightning_kfac import KFACPreconditioner
 from tests.helpers import assert_close, dense_damped_kron_solve
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def _float64_default() -> None:
+    """Modules built in these tests are float64 (restored by conftest after each test)."""
+    torch.set_default_dtype(torch.float64)
+
 
 CASES = {
     "plain": dict(in_channels=2, out_channels=3, kernel_size=3),

@@ -12,7 +12,11 @@ from torch import nn
 from lightning_kfac import KFACPreconditioner
 from tests.helpers import assert_close, dense_damped_kron_solve, per_sample_factors
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def _float64_default() -> None:
+    """Modules built in these tests are float64 (restored by conftest after each test)."""
+    torch.set_default_dtype(torch.float64)
 
 
 def make_mlp(bias: bool, inplace: bool = True) -> nn.Sequential:

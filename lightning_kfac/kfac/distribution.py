@@ -19,8 +19,18 @@ if TYPE_CHECKING:
 class Distributor:
     """Shares K-FAC's work among workers. The base class is the single-worker behaviour."""
 
-    def average_factor_batches(self, batches: list[Tensor]) -> None:
-        """Replace each batch estimate, in place, by its average over all workers."""
+    def factors_ready(self, layer: KFACLayer) -> None:
+        """Hint from the backward pass: ``layer`` captured its last micro-batch of this step.
+
+        A distributed implementation may finalise the layer's batch estimates and start
+        reducing them here, overlapping communication with the rest of the backward pass.
+        """
+
+    def average_factor_batches(self, layers: Sequence[KFACLayer]) -> None:
+        """Replace each factor's finalised ``batch``, in place, by its average over all workers.
+
+        Called with the same layers in the same order on every worker.
+        """
 
     def run_decompositions(
         self, layers: Sequence[KFACLayer], decompose: Callable[[KFACLayer], None]
@@ -32,6 +42,17 @@ class Distributor:
         """
         for layer in layers:
             decompose(layer)
+
+    def precondition(
+        self,
+        items: Sequence[tuple[KFACLayer, Tensor]],
+        compute: Callable[[KFACLayer, Tensor], Tensor | None],
+    ) -> list[Tensor | None]:
+        """Preconditioned matrix (or None: keep the raw gradient) for each ``(layer, gradient)``.
+
+        A distributed implementation may compute each on the layer's owner and send it out.
+        """
+        return [compute(layer, gradient) for layer, gradient in items]
 
 
 class LocalDistributor(Distributor):

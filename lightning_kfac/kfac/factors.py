@@ -4,10 +4,11 @@ The same type serves both sides. A factor goes through three stages each factor 
 
 1. ``accumulate(sum, count)`` — called from the hooks, possibly several times (gradient
    accumulation, several calls of the module): sums of outer products and their normaliser.
-2. ``batch_estimate()`` — ``sum / count``, the estimate of the current mini-batch. A distributed
-   runner averages these across ranks before stage 3.
-3. ``update(batch, decay)`` — running average ``F <- decay · F + (1 - decay) · F_batch``; the first
-   update sets ``F = F_batch`` (DESIGN §2). A non-finite batch is rejected and ``F`` is unchanged.
+2. ``finalize_batch()`` — stores ``batch = sum / count``, the estimate of the current mini-batch.
+   A distributed runner averages ``batch`` across ranks (in place) before stage 3; it may do so
+   early, from the backward pass, as soon as a layer's capture is complete.
+3. ``update(decay)`` — running average ``F <- decay · F + (1 - decay) · batch``; the first
+   update sets ``F = batch`` (DESIGN §2). A non-finite batch is rejected and ``F`` is unchanged.
 
 The decomposition (eigenpairs for the eigen method, a shifted inverse for the inverse method) is
 stored beside the running average and recomputed on inverse-update steps.
@@ -40,6 +41,8 @@ class KroneckerFactor:
         self.decomposition: dict[str, Tensor] | None = None
         #: True when ``value`` changed after ``decomposition`` was computed from it.
         self.changed_since_decomposition = False
+        #: The finalised estimate of the current mini-batch, until ``update`` consumes it.
+        self.batch: Tensor | None = None
         self._sum: Tensor | None = None
         self._count = 0.0
 
@@ -55,32 +58,37 @@ class KroneckerFactor:
 
     @property
     def has_batch(self) -> bool:
-        """Whether anything was accumulated since the last ``batch_estimate``."""
-        return self._sum is not None and self._count > 0
+        """Whether this step has a batch: accumulated sums or an already finalised estimate."""
+        return self.batch is not None or (self._sum is not None and self._count > 0)
 
     def discard_batch(self) -> None:
-        """Forget what was accumulated (e.g. a step skipped by the AMP scaler)."""
+        """Forget this step's batch (e.g. a step skipped by the AMP scaler)."""
+        self.batch = None
         self._sum = None
         self._count = 0.0
 
     # -- stage 2: batch estimate -----------------------------------------------------------
-    def batch_estimate(self) -> Tensor:
-        """Return ``Σ r r^T / count`` and reset the accumulator."""
-        if self._sum is None or self._count <= 0:
-            raise RuntimeError("batch_estimate() called with nothing accumulated")
-        estimate = self._sum.div_(self._count)
-        self.discard_batch()
-        return estimate
+    def finalize_batch(self) -> Tensor:
+        """Set and return ``batch = Σ r r^T / count`` (idempotent until ``update``)."""
+        if self.batch is None:
+            if self._sum is None or self._count <= 0:
+                raise RuntimeError("finalize_batch() called with nothing accumulated")
+            self.batch = self._sum.div_(self._count)
+            self._sum = None
+            self._count = 0.0
+        return self.batch
 
     # -- stage 3: running average ----------------------------------------------------------
-    def update(self, batch: Tensor, decay: float) -> bool:
+    def update(self, decay: float) -> bool:
         """Fold ``batch`` into the running average; return False (and change nothing) if not finite.
 
         ``F <- batch`` on the first update, then ``F <- decay · F + (1 - decay) · batch``.
+        The batch is consumed either way.
         """
+        batch = self.finalize_batch()
+        self.batch = None
         if not bool(torch.isfinite(batch).all()):
             return False
-        batch = batch.to(self.dtype)
         if self.value is None:
             self.value = batch.clone()
         else:

@@ -41,6 +41,8 @@ class KFACLayer:
         self.factor_dtype = factor_dtype
         #: Faults met by the last ``compute_decompositions`` (reported by the preconditioner).
         self.faults: list[str] = []
+        #: Output-gradient hooks registered by forward passes that have not fired yet.
+        self.pending_gradients = 0
 
     @property
     def factors(self) -> tuple[KroneckerFactor, KroneckerFactor]:
@@ -58,6 +60,19 @@ class KFACLayer:
         rows = self.adapter.output_gradient_rows(output_gradient.detach().to(self.factor_dtype))
         scale = (batch / loss_scale) ** 2
         self.g.accumulate(linalg.covariance_sum(rows, append_ones=False) * scale, float(batch))
+
+    @property
+    def has_batch(self) -> bool:
+        """Both factors captured something for the coming step."""
+        return self.a.has_batch and self.g.has_batch
+
+    def discard_batches(self) -> None:
+        for factor in self.factors:
+            factor.discard_batch()
+
+    def finalize_batches(self) -> list[Tensor]:
+        """Finalise and return the batch estimates ``[A_batch, G_batch]``."""
+        return [factor.finalize_batch() for factor in self.factors]
 
     # -- decompositions --------------------------------------------------------------------
     @property
@@ -84,6 +99,17 @@ class KFACLayer:
         except DECOMPOSITION_ERRORS as error:
             self.faults.append(f"failed in float64 too ({error})")
             return None
+
+    def decomposition_shapes(self, method: ComputeMethod) -> list[dict[str, tuple[int, ...]]]:
+        """Shapes of the decomposition tensors of ``A`` and ``G`` (to receive them)."""
+        shapes = []
+        for factor in self.factors:
+            square = (factor.blocks, factor.dim, factor.dim)
+            if method == ComputeMethod.EIGEN:
+                shapes.append({"eigenvalues": square[:2], "eigenvectors": square})
+            else:
+                shapes.append({"inverse": square})
+        return shapes
 
     def compute_decompositions(
         self, method: ComputeMethod, damping: float, inverse_dtype: torch.dtype

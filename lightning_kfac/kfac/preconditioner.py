@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -126,11 +128,19 @@ class KFACPreconditioner:
         self.loss_scale: float | Tensor = 1.0
         #: Set False to stop capturing without removing the hooks.
         self.capture_enabled = True
+        #: Returns True during the last backward pass before ``step()`` (the one DDP
+        #: synchronises); lets the distributor start reducing a layer's factors as soon as its
+        #: output gradient is captured. None: no early reduction.
+        self.is_final_backward: Callable[[], bool] | None = None
         #: Number of completed ``step()`` calls.
         self.steps = 0
         self.last_inverse_step: int | None = None
-        #: Figures of the last step (``kl_scale``, ``damping``, ...), for loggers.
+        #: Figures of the last step (``kl_scale``, ``damping``, ``*_time`` in seconds), for loggers.
         self.last_step_info: dict[str, Any] = {}
+        #: Optional ``profile(name)`` context manager factory (e.g. a Lightning profiler's
+        #: ``profile``) wrapped around the timed stages ``kfac/factors``, ``kfac/inverses`` and
+        #: ``kfac/precondition``. Times are host wall-clock (asynchronous on accelerators).
+        self.profile: Callable[[str], AbstractContextManager[Any]] | None = None
 
         parameter_dtype = next((p.dtype for p in model.parameters()), torch.float32)
         widest = torch.promote_types(torch.float32, parameter_dtype)
@@ -218,9 +228,15 @@ class KFACPreconditioner:
                 # A tensor hook on the output (not a module backward hook) keeps working when an
                 # in-place activation follows the layer: it sees the gradient w.r.t. the output
                 # as it was before the in-place change, i.e. w.r.t. the pre-activation.
+                layer.pending_gradients += 1
+
                 def output_gradient_hook(gradient: Tensor) -> None:
                     with torch.autocast(device_type=device_type, enabled=False):
                         layer.capture_output_gradient(gradient, self._current_loss_scale())
+                    layer.pending_gradients -= 1
+                    final = self.is_final_backward
+                    if layer.pending_gradients == 0 and final is not None and final():
+                        self.distributor.factors_ready(layer)
 
                 output.register_hook(output_gradient_hook)
 
@@ -235,25 +251,40 @@ class KFACPreconditioner:
                 scale not yet unscaled). Preconditioning is linear, so only the KL-clip uses it.
         """
         step = self.steps
+        self.last_step_info = {}
         if step % self.factor_update_interval == 0:
-            self.update_factors()
-        if step % self.inverse_update_interval == 0:
-            self.update_decompositions()
-        else:
-            # Layers whose first factors just arrived, or whose decomposition failed last time.
-            self.update_decompositions(only_missing=True)
-        self.precondition(grad_scale=grad_scale)
+            with self._timed("factors"):
+                self.update_factors()
+        with self._timed("inverses"):
+            # Off-schedule, only layers whose first factors just arrived or whose decomposition
+            # failed last time.
+            self.update_decompositions(only_missing=step % self.inverse_update_interval != 0)
+        with self._timed("precondition"):
+            self.precondition(grad_scale=grad_scale)
         self.steps += 1
+
+    @contextmanager
+    def _timed(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        with self.profile(f"kfac/{stage}") if self.profile is not None else nullcontext():
+            yield
+        self.last_step_info[f"{stage}_time"] = time.perf_counter() - start
 
     def update_factors(self) -> None:
         """Fold the captured batch estimates into the running averages (stage 1)."""
         decay = evaluate(self.factor_decay, self.steps)
         assert decay is not None
-        factors = [f for layer in self.layers.values() for f in layer.factors if f.has_batch]
-        batches = [factor.batch_estimate() for factor in factors]
-        self.distributor.average_factor_batches(batches)
-        for factor, batch, name in zip(factors, batches, self._factor_names(factors), strict=True):
-            if not factor.update(batch, decay):
+        layers = [layer for layer in self.layers.values() if layer.has_batch]
+        for layer in self.layers.values():
+            layer.pending_gradients = 0
+            if layer.has_batch:
+                layer.finalize_batches()
+            else:  # forward without backward (or the reverse): nothing usable this step
+                layer.discard_batches()
+        self.distributor.average_factor_batches(layers)
+        factors = [factor for layer in layers for factor in layer.factors]
+        for factor, name in zip(factors, self._factor_names(factors), strict=True):
+            if not factor.update(decay):
                 self._report(
                     f"factor:{name}",
                     f"K-FAC skipped a non-finite factor batch for {name}; the running average "
@@ -276,8 +307,8 @@ class KFACPreconditioner:
     def discard_captured(self) -> None:
         """Drop what the hooks captured since the last step (a step the AMP scaler skips)."""
         for layer in self.layers.values():
-            for factor in layer.factors:
-                factor.discard_batch()
+            layer.pending_gradients = 0
+            layer.discard_batches()
 
     def update_decompositions(self, *, only_missing: bool = False) -> None:
         """Decompose the factors of every layer (or only of those without a decomposition)."""
@@ -325,14 +356,19 @@ class KFACPreconditioner:
         """Replace each registered layer's gradient by its preconditioned, KL-clipped version."""
         damping = evaluate(self.damping, self.steps)
         assert damping is not None
-        pairs: list[tuple[KFACLayer, Tensor, Tensor]] = []
-        for layer in self.layers.values():
-            gradient = layer.adapter.gradient_matrix()
-            if gradient is None:
-                continue
-            preconditioned = layer.precondition(gradient, self.compute_method, damping)
-            if preconditioned is not None:
-                pairs.append((layer, gradient, preconditioned))
+        items = [
+            (layer, gradient)
+            for layer in self.layers.values()
+            if (gradient := layer.adapter.gradient_matrix()) is not None
+        ]
+        results = self.distributor.precondition(
+            items, lambda layer, grad: layer.precondition(grad, self.compute_method, damping)
+        )
+        pairs = [
+            (layer, gradient, preconditioned)
+            for (layer, gradient), preconditioned in zip(items, results, strict=True)
+            if preconditioned is not None
+        ]
         kl_clip = evaluate(self.kl_clip, self.steps)
         scale: Tensor | None = None
         if kl_clip is not None and pairs:
@@ -348,12 +384,9 @@ class KFACPreconditioner:
             if scale is not None:
                 preconditioned = preconditioned * scale.to(preconditioned)
             layer.adapter.set_gradient_matrix(preconditioned)
-        self.last_step_info = {
-            "damping": damping,
-            "kl_clip": kl_clip,
-            "kl_scale": scale,
-            "preconditioned_layers": len(pairs),
-        }
+        self.last_step_info.update(
+            damping=damping, kl_clip=kl_clip, kl_scale=scale, preconditioned_layers=len(pairs)
+        )
 
     # -- faults ----------------------------------------------------------------------------
     def _report(self, key: str, message: str, *, expected: bool = False) -> None:

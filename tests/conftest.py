@@ -1,0 +1,33 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+# Strategy tests fork DDP workers (``kfac_ddp_fork``). GNU OpenMP (libgomp, used by the CPU
+# wheels) is not fork-safe: once the parent has run a parallel region with a thread pool, a forked
+# child deadlocks in its first parallel op (seen here: a conv2d forward, stack in libgomp). With one
+# intra-op thread the parent never starts a pool. Tensors in the unit tests are tiny anyway.
+# Lightning raises the thread count of in-process runs unless OMP_NUM_THREADS is set, so set it.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_process_group() -> Iterator[None]:
+    """A world-size-1 DDP run in this process leaves the default process group behind."""
+    yield
+    from tests.lightning_support import destroy_process_group
+
+    destroy_process_group()
+
+
+@pytest.fixture(autouse=True)
+def _restore_default_dtype() -> Iterator[None]:
+    dtype = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(dtype)

@@ -1,0 +1,162 @@
+"""A tiny LightningModule and helpers for strategy tests through real gloo processes.
+
+With ``shuffle=False``, Lightning's ``DistributedSampler`` gives rank ``r`` of ``R`` the samples
+``r, r + R, ...``, so step ``k`` of ``R`` ranks with batch ``B`` sees exactly the samples of step
+``k`` of one rank with batch ``R·B``: the two runs must produce the same parameters.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+SAMPLES = 96
+CLASSES = 3
+
+
+def make_network(dtype: torch.dtype = torch.float64) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(4, 4, 3, stride=2, groups=2),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(4 * 2 * 2, CLASSES),
+    ).to(dtype)
+
+
+def make_dataset(dtype: torch.dtype = torch.float64) -> TensorDataset:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(SAMPLES, 2, 6, 6, generator=gen, dtype=torch.float64).to(dtype)
+    y = torch.randint(0, CLASSES, (SAMPLES,), generator=gen)
+    return TensorDataset(x, y)
+
+
+class TinyClassifier(pl.LightningModule):
+    """An ordinary LightningModule: nothing in it knows about K-FAC."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        dtype: torch.dtype = torch.float64,
+        optimizer: str = "sgd",
+        lr: float = 0.1,
+        manual: bool = False,
+    ) -> None:
+        super().__init__()
+        self.net = make_network(dtype)
+        self.batch_size = batch_size
+        self.data_dtype = dtype
+        self.optimizer_name = optimizer
+        self.lr = lr
+        self.automatic_optimization = not manual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        if self.automatic_optimization:
+            return loss
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        return None
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer_name == "adamw":
+            convs = [p for m in self.net if isinstance(m, nn.Conv2d) for p in m.parameters()]
+            head = list(self.net[-1].parameters())
+            return torch.optim.AdamW(
+                [{"params": convs, "lr": self.lr}, {"params": head, "lr": self.lr / 3}],
+                weight_decay=1e-2,
+            )
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(make_dataset(self.data_dtype), batch_size=self.batch_size, shuffle=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(make_dataset(self.data_dtype), batch_size=32, shuffle=False)
+
+
+class SaveResult(pl.Callback):
+    """Rank 0 writes the final parameters and K-FAC figures to ``path`` (workers can't return)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_rank != 0:
+            return
+        pre = getattr(trainer.strategy, "preconditioner", None)
+        torch.save(
+            {
+                "params": {n: p.detach().clone() for n, p in pl_module.named_parameters()},
+                "kfac_steps": None if pre is None else pre.steps,
+                "factor_updates": None
+                if pre is None
+                else {n: layer.a.updates for n, layer in pre.layers.items()},
+                "factors": None
+                if pre is None
+                else {n: (layer.a.value, layer.g.value) for n, layer in pre.layers.items()},
+                "global_step": trainer.global_step,
+                "world_size": trainer.world_size,
+                "skipped_steps": getattr(trainer.strategy, "skipped_steps", None),
+                "buckets": _bucket_counts(pre),
+                "profiled": sorted(getattr(trainer.profiler, "recorded_durations", {})),
+            },
+            self.path,
+        )
+
+
+def _bucket_counts(pre: Any) -> dict[str, int] | None:
+    allreduce = getattr(getattr(pre, "distributor", None), "allreduce", None)
+    if allreduce is None:
+        return None
+    return {"buckets": len(allreduce.buckets), "launched_early": allreduce.launched_early}
+
+
+def relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    num = sum(float((a[k].double() - b[k].double()).norm() ** 2) for k in a)
+    den = sum(float(b[k].double().norm() ** 2) for k in b)
+    return (num / den) ** 0.5
+
+
+def trainer_kwargs(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
+    kwargs: dict[str, Any] = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=str(tmp_path),
+        deterministic=False,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def destroy_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "RANK"):
+        os.environ.pop(key, None)
