@@ -5,6 +5,7 @@
 for the unified ``lightning.pytorch`` package.
 """
 
+from lightning_kfac.callbacks import MixupCallback
 from lightning_kfac.distributed import DistributionMode
 from lightning_kfac.kfac import ComputeMethod, KFACNumericalWarning, KFACPreconditioner
 from lightning_kfac.pytorch_lightning import KFACDDPStrategy
@@ -17,5 +18,6 @@ __all__ = [
     "KFACDDPStrategy",
     "KFACNumericalWarning",
     "KFACPreconditioner",
+    "MixupCallback",
     "__version__",
 ]

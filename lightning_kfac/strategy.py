@@ -74,6 +74,7 @@ class KFACStrategyMixin:
         factor_dtype: torch.dtype | None = None,
         inverse_dtype: torch.dtype | None = None,
         compute_method: ComputeMethod | str = ComputeMethod.EIGEN,
+        factor_max_rows: int | None = None,
         distribution_mode: DistributionMode | str = DistributionMode.BROADCAST_DECOMPOSITIONS,
         bucket_cap_mb: float = 25.0,
         log_figures: bool = True,
@@ -91,6 +92,7 @@ class KFACStrategyMixin:
             factor_dtype=factor_dtype,
             inverse_dtype=inverse_dtype,
             compute_method=ComputeMethod(compute_method),
+            factor_max_rows=factor_max_rows,
         )
         self.distribution_mode = DistributionMode(distribution_mode)
         self.bucket_cap_bytes = int(bucket_cap_mb * 2**20)

@@ -232,3 +232,31 @@ def test_registration_is_reported_once_in_the_log(caplog: pytest.LogCaptureFixtu
         KFACPreconditioner(model, kl_clip=None)
     records = [r.getMessage() for r in caplog.records if "K-FAC registered" in r.getMessage()]
     assert records == ["K-FAC registered 2 layers: 0, 2; skipped: 1 (unsupported type LayerNorm)"]
+
+
+def test_kl_clip_reads_the_current_learning_rate_of_each_param_group() -> None:
+    model = make_mlp(True)
+    optimizer = torch.optim.SGD(
+        [{"params": model[0].parameters(), "lr": 0.1}, {"params": model[2].parameters(), "lr": 0.2}]
+    )
+    pre = KFACPreconditioner(model, optimizer=optimizer, kl_clip=1e-6, inverse_update_interval=1)
+    x, y = batch()
+    scales = []
+    for lr_factor in (1.0, 10.0):
+        for group, base in zip(optimizer.param_groups, (0.1, 0.2), strict=True):
+            group["lr"] = base * lr_factor  # what an LR scheduler does
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        raw = {n: pre.layers[n].adapter.gradient_matrix().clone() for n in ("0", "2")}
+        pre.step()
+        kl = sum(
+            lr**2 * float((pre.layers[n].adapter.gradient_matrix() * raw[n]).sum())
+            for n, lr in (("0", 0.1 * lr_factor), ("2", 0.2 * lr_factor))
+        )
+        scales.append(float(pre.last_step_info["kl_scale"]))
+        # ν = sqrt(κ / S) with S = Σ lr² <P, dW>; the step holds νP, so Σ lr² <νP, dW> = κ / ν
+        nu = scales[-1]
+        assert nu < 1.0
+        assert kl * nu == pytest.approx(1e-6, rel=1e-8)
+    # same gradients, 10x the learning rate: ν shrinks 10x (the factors moved only slightly)
+    assert scales[1] == pytest.approx(scales[0] / 10, rel=0.2)

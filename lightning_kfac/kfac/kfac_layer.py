@@ -33,8 +33,20 @@ DECOMPOSITION_ERRORS = (torch.linalg.LinAlgError, FloatingPointError)
 class KFACLayer:
     """K-FAC state of one registered module."""
 
-    def __init__(self, name: str, adapter: LayerAdapter, factor_dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        name: str,
+        adapter: LayerAdapter,
+        factor_dtype: torch.dtype,
+        *,
+        max_rows: int | None = None,
+        seed: int = 0,
+    ) -> None:
         self.name = name
+        #: Estimate each capture from at most this many rows (None: all rows, exact).
+        self.max_rows = max_rows
+        self._seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
         self.adapter = adapter
         self.a = KroneckerFactor(adapter.a_dim, adapter.blocks, factor_dtype)
         self.g = KroneckerFactor(adapter.out_features, adapter.blocks, factor_dtype)
@@ -49,16 +61,39 @@ class KFACLayer:
         return self.a, self.g
 
     # -- capture (called from module hooks) ------------------------------------------------
-    def capture_input(self, layer_input: Tensor) -> None:
-        rows = self.adapter.activation_rows(layer_input.detach().to(self.factor_dtype))
-        self.a.accumulate(
-            linalg.covariance_sum(rows, append_ones=self.adapter.has_bias), float(rows.shape[1])
-        )
+    def _sample(self, total: int, device: torch.device) -> tuple[Tensor | None, float]:
+        """Row subset for one capture and the factor ``total / kept`` that rescales its sum.
+
+        Rows are drawn uniformly without replacement, so ``(total / R) Σ_sampled r r^T`` is an
+        unbiased estimator of ``Σ_all r r^T`` (each row is kept with probability ``R / total``).
+        """
+        if self.max_rows is None or total <= self.max_rows:
+            return None, 1.0
+        generator = self._generators.get(device)
+        if generator is None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(self._seed)
+            self._generators[device] = generator
+        index = torch.randperm(total, generator=generator, device=device)[: self.max_rows]
+        return index, total / self.max_rows
+
+    def capture(self, layer_input: Tensor, output: Tensor) -> None:
+        """``A += Σ a a^T`` over the input's rows (normaliser ``N·T``), from the forward hook."""
+        total = self.adapter.row_count(output)
+        index, weight = self._sample(total, output.device)
+        rows = self.adapter.activation_rows(layer_input.detach().to(self.factor_dtype), index)
+        covariance = linalg.covariance_sum(rows, append_ones=self.adapter.has_bias)
+        self.a.accumulate(covariance if weight == 1.0 else covariance * weight, float(total))
 
     def capture_output_gradient(self, output_gradient: Tensor, loss_scale: float | Tensor) -> None:
+        """``G += Σ g g^T`` with ``g = (N / s) ∂loss/∂output`` (normaliser ``N``), from backward."""
         batch = self.adapter.batch_size(output_gradient)
-        rows = self.adapter.output_gradient_rows(output_gradient.detach().to(self.factor_dtype))
-        scale = (batch / loss_scale) ** 2
+        index, weight = self._sample(
+            self.adapter.row_count(output_gradient), output_gradient.device
+        )
+        gradient = output_gradient.detach().to(self.factor_dtype)
+        rows = self.adapter.output_gradient_rows(gradient, index)
+        scale = (batch / loss_scale) ** 2 * weight
         self.g.accumulate(linalg.covariance_sum(rows, append_ones=False) * scale, float(batch))
 
     @property

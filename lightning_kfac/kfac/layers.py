@@ -64,12 +64,16 @@ class LayerAdapter(abc.ABC):
         return self.in_features + int(self.has_bias)
 
     @abc.abstractmethod
-    def activation_rows(self, layer_input: Tensor) -> Tensor:
-        """Input of the layer -> ``[B, N·T, d_in]``."""
+    def row_count(self, output: Tensor) -> int:
+        """``N·T``: number of rows of the shared layout for this output (or output gradient)."""
 
     @abc.abstractmethod
-    def output_gradient_rows(self, output_gradient: Tensor) -> Tensor:
-        """Gradient w.r.t. the layer output -> ``[B, N·T, d_out]``."""
+    def activation_rows(self, layer_input: Tensor, index: Tensor | None = None) -> Tensor:
+        """Input of the layer -> ``[B, N·T, d_in]``; only the rows ``index`` when given."""
+
+    @abc.abstractmethod
+    def output_gradient_rows(self, output_gradient: Tensor, index: Tensor | None = None) -> Tensor:
+        """Gradient w.r.t. the layer output -> ``[B, N·T, d_out]``; only rows ``index`` if given."""
 
     @abc.abstractmethod
     def _weight_matrix(self, weight_like: Tensor) -> Tensor:
@@ -123,11 +127,19 @@ class LinearAdapter(LayerAdapter):
     def out_features(self) -> int:
         return self.module.out_features
 
-    def activation_rows(self, layer_input: Tensor) -> Tensor:
-        return layer_input.reshape(1, -1, self.in_features)
+    def row_count(self, output: Tensor) -> int:
+        return output.numel() // self.out_features
 
-    def output_gradient_rows(self, output_gradient: Tensor) -> Tensor:
-        return output_gradient.reshape(1, -1, self.out_features)
+    @staticmethod
+    def _rows(tensor: Tensor, features: int, index: Tensor | None) -> Tensor:
+        rows = tensor.reshape(-1, features)
+        return (rows if index is None else rows[index]).unsqueeze(0)
+
+    def activation_rows(self, layer_input: Tensor, index: Tensor | None = None) -> Tensor:
+        return self._rows(layer_input, self.in_features, index)
+
+    def output_gradient_rows(self, output_gradient: Tensor, index: Tensor | None = None) -> Tensor:
+        return self._rows(output_gradient, self.out_features, index)
 
     def _weight_matrix(self, weight_like: Tensor) -> Tensor:
         return weight_like.unsqueeze(0)
@@ -155,38 +167,55 @@ class Conv2dAdapter(LayerAdapter):
     def out_features(self) -> int:
         return self.module.out_channels // self.module.groups
 
-    def _patches(self, layer_input: Tensor) -> Tensor:
-        """Input ``[N, C, H, W]`` -> patches ``[N, C·kh·kw, L]`` as the convolution sees them."""
-        conv = self.module
-        padding: tuple[int, ...] | str = conv.padding
-        if isinstance(padding, str) or conv.padding_mode != "zeros":
-            # Same rule as nn.Conv2d itself: pad explicitly (asymmetric for 'same' with even
-            # kernels, non-zero modes), then take patches without padding.
-            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-            layer_input = F.pad(layer_input, conv._reversed_padding_repeated_twice, mode=mode)
-            padding = 0
-        return F.unfold(
-            layer_input,
-            kernel_size=conv.kernel_size,
-            dilation=conv.dilation,
-            padding=padding,
-            stride=conv.stride,
-        )
+    def row_count(self, output: Tensor) -> int:
+        batched = output if output.dim() == 4 else output.unsqueeze(0)
+        return batched.shape[0] * batched.shape[2] * batched.shape[3]
 
-    def activation_rows(self, layer_input: Tensor) -> Tensor:
+    def _patch_view(self, layer_input: Tensor) -> Tensor:
+        """Input ``[N, C, H, W]`` -> a zero-copy strided view ``[N, Ho, Wo, B, C/B, kh, kw]``
+        of the (padded) input: element ``[n, i, j, b]`` is the patch group ``b`` of the
+        convolution multiplies at output location ``(i, j)``, flattened channel-major like
+        ``weight.view(out, -1)``."""
+        conv = self.module
         if layer_input.dim() == 3:  # unbatched [C, H, W]
             layer_input = layer_input.unsqueeze(0)
-        patches = self._patches(layer_input)  # [N, C*k*k, L]
-        batch, _, locations = patches.shape
-        patches = patches.view(batch, self.blocks, self.in_features, locations)
-        return patches.permute(1, 0, 3, 2).reshape(self.blocks, batch * locations, self.in_features)
+        if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+            # Same rule as nn.Conv2d: explicit (possibly asymmetric, possibly non-zero) padding.
+            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+            padded = F.pad(layer_input, conv._reversed_padding_repeated_twice, mode=mode)
+        else:
+            ph, pw = conv.padding
+            padded = F.pad(layer_input, (pw, pw, ph, ph)) if ph or pw else layer_input
+        (kh, kw), (dh, dw), (sh, sw) = conv.kernel_size, conv.dilation, conv.stride
+        # unfold(dim, size, step) is a view; a dilated kernel spans (k - 1)·d + 1 inputs.
+        view = padded.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)
+        view = view[..., ::dh, ::dw]  # [N, C, Ho, Wo, kh, kw]
+        batch, channels, out_h, out_w = view.shape[:4]
+        view = view.reshape(batch, self.blocks, channels // self.blocks, out_h, out_w, kh, kw)
+        return view.permute(0, 3, 4, 1, 2, 5, 6)
 
-    def output_gradient_rows(self, output_gradient: Tensor) -> Tensor:
+    def activation_rows(self, layer_input: Tensor, index: Tensor | None = None) -> Tensor:
+        view = self._patch_view(layer_input)  # [N, Ho, Wo, B, C/B, kh, kw]
+        if index is None:
+            rows = view.reshape(-1, self.blocks, self.in_features)  # the one copy
+        else:  # gather only the sampled patches, straight from the input
+            _, out_h, out_w = view.shape[:3]
+            n, rest = index // (out_h * out_w), index % (out_h * out_w)
+            rows = view[n, rest // out_w, rest % out_w].reshape(-1, self.blocks, self.in_features)
+        return rows.transpose(0, 1)
+
+    def output_gradient_rows(self, output_gradient: Tensor, index: Tensor | None = None) -> Tensor:
         if output_gradient.dim() == 3:
             output_gradient = output_gradient.unsqueeze(0)
         batch = output_gradient.shape[0]
         grads = output_gradient.reshape(batch, self.blocks, self.out_features, -1)
-        return grads.permute(1, 0, 3, 2).reshape(self.blocks, -1, self.out_features)
+        grads = grads.permute(3, 0, 1, 2)  # [L, N, B, d_out]: rows ordered (n, location)
+        if index is None:
+            rows = grads.transpose(0, 1).reshape(-1, self.blocks, self.out_features)
+        else:
+            locations = grads.shape[0]
+            rows = grads[index % locations, index // locations]
+        return rows.transpose(0, 1)
 
     def _weight_matrix(self, weight_like: Tensor) -> Tensor:
         return weight_like.reshape(self.blocks, self.out_features, self.in_features)

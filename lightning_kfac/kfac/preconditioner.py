@@ -73,6 +73,11 @@ class KFACPreconditioner:
         inverse_dtype: Dtype of the decompositions; default as ``factor_dtype``.
         compute_method: ``ComputeMethod.EIGEN`` (default, exact damped inverse) or
             ``ComputeMethod.INVERSE`` (factored Tikhonov with π correction).
+        factor_max_rows: Estimate each layer's factor batch from at most this many of its
+            ``N·T`` rows (patches of a convolution), drawn uniformly without replacement and
+            rescaled by ``N·T / rows``: an unbiased estimator of the exact batch factor, at a
+            fraction of the cost for convolutions with many output locations. ``None`` (default):
+            all rows, exact.
         grad_scaler: An AMP ``GradScaler`` whose loss scale is divided out of the captured output
             gradients (call ``scaler.unscale_(optimizer)`` before ``step()``).
         distributor: How work is shared among workers; default one worker.
@@ -93,6 +98,7 @@ class KFACPreconditioner:
         factor_dtype: torch.dtype | None = None,
         inverse_dtype: torch.dtype | None = None,
         compute_method: ComputeMethod | str = ComputeMethod.EIGEN,
+        factor_max_rows: int | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
         distributor: Distributor | None = None,
     ) -> None:
@@ -102,6 +108,10 @@ class KFACPreconditioner:
         ):
             if not isinstance(interval, int) or interval < 1:
                 raise ValueError(f"{name} must be a positive integer, got {interval!r}")
+        if factor_max_rows is not None and factor_max_rows < 1:
+            raise ValueError(
+                f"factor_max_rows must be a positive integer or None, got {factor_max_rows!r}"
+            )
         if kl_clip is not None and lr is None and optimizer is None:
             raise ValueError(
                 "kl_clip needs a learning rate: pass lr=..., or optimizer=... to read it from, "
@@ -152,6 +162,7 @@ class KFACPreconditioner:
         self.skipped_modules: dict[str, str] = {}
         self._reported: set[str] = set()
         self._handles: list[RemovableHandle] = []
+        self.factor_max_rows = factor_max_rows
         self._register(model, list(skip_modules))
 
     # -- registration ----------------------------------------------------------------------
@@ -179,7 +190,13 @@ class KFACPreconditioner:
             elif not adapter.weight.requires_grad:
                 self.skipped_modules[name] = "frozen (weight.requires_grad is False)"
             else:
-                layer = KFACLayer(name, adapter, self.factor_dtype)
+                layer = KFACLayer(
+                    name,
+                    adapter,
+                    self.factor_dtype,
+                    max_rows=self.factor_max_rows,
+                    seed=len(self.layers),
+                )
                 self.layers[name] = layer
                 self._handles.append(module.register_forward_hook(self._make_forward_hook(layer)))
         if not self.layers:
@@ -223,7 +240,7 @@ class KFACPreconditioner:
                 return
             device_type = output.device.type
             with torch.autocast(device_type=device_type, enabled=False):
-                layer.capture_input(inputs[0])
+                layer.capture(inputs[0], output)
             if isinstance(output, Tensor) and output.requires_grad:
                 # A tensor hook on the output (not a module backward hook) keeps working when an
                 # in-place activation follows the layer: it sees the gradient w.r.t. the output

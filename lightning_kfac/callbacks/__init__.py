@@ -1,0 +1,5 @@
+"""Lightning callbacks."""
+
+from lightning_kfac.callbacks.mixup import MixupCallback
+
+__all__ = ["MixupCallback"]

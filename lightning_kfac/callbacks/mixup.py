@@ -1,0 +1,320 @@
+"""MixupCallback: mixup / CutMix loss smoothing for an unmodified LightningModule.
+
+The callback wraps ``pl_module.training_step`` (on the instance; the class is untouched) so that
+each training batch reaches it already mixed:
+
+- the inputs become ``x̃ = λ x + (1 − λ) x_π`` (or a CutMix paste of ``x_π``);
+- integer labels become ``MixedLabels``, so ``F.cross_entropy(self(x), y)`` (or
+  ``nn.CrossEntropyLoss``) returns the exact mixup loss, while metrics and ``argmax`` comparisons
+  receive each sample's dominant label (see ``lightning_kfac.mixing``); other losses raise;
+- float targets (soft or one-hot) are mixed directly.
+
+Batches may be lists or tuples (``input_index`` / ``target_index``, default 0 / 1; namedtuples
+and custom ``collate_fn`` tuples included) or mappings (``input_key`` / ``target_key``). Validation,
+test and predict never see mixed data: only ``training_step`` is wrapped.
+
+With ``KFACDDPStrategy``, K-FAC's factors come from the mixed inputs (``A``) and the gradients of
+the mixed loss (``G``), as in Osawa et al.'s ImageNet code: the curvature of the loss actually
+minimised.
+
+Randomness: one ``torch.Generator`` per rank, seeded from ``seed`` (default: Lightning's global
+seed, else 0) and the global rank, so ranks draw different λ and permutations; its state is in
+``state_dict``, so a resumed run draws the same sequence.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from lightning_kfac.mixing import (
+    SUPPORTED_FORMS,
+    MixedLabels,
+    cutmix_inputs,
+    mix_inputs,
+    mix_soft_targets,
+    sample_beta,
+)
+
+
+class MixupCallback(pl.Callback):
+    """Mixup (Zhang et al. 2018) / CutMix (Yun et al. 2019) for any classification module.
+
+    Args:
+        alpha: λ ~ Beta(α, α) for mixup; 0 disables mixup (CutMix only).
+        per_sample: Draw one λ per sample instead of one per batch.
+        cutmix_alpha: λ ~ Beta(α, α) for CutMix; 0 (default) disables CutMix.
+        switch_prob: With both enabled, probability that a batch uses CutMix instead of mixup.
+        prob: Probability of mixing a batch at all.
+        label_smoothing: ε applied to the mixed targets (a loss call's own nonzero
+            ``label_smoothing`` takes precedence).
+        off_last_epochs: No mixing in the final this many epochs of ``max_epochs``.
+        off_last_steps: No mixing in the final this many optimizer steps of the run.
+        running: "Running mixup" (Osawa et al. 2019): mix each batch with the previous *mixed*
+            batch (inputs and soft targets) instead of a permutation of itself. The first batch,
+            and any batch whose size differs from the previous one, uses a permutation.
+        running_max_lambda: With ``running``, use ``λ = max(λ, 1 − λ)`` per sample, so the new batch
+            dominates (the recipe's choice).
+        input_index, target_index: Positions in list/tuple batches.
+        input_key, target_key: Keys in mapping batches.
+        seed: Base seed; default Lightning's global seed (``PL_GLOBAL_SEED``) or 0.
+        log_stats: Log ``mixup/lambda_mean``, ``mixup/lambda_min``, ``mixup/applied``,
+            ``mixup/cutmix`` each step.
+    """
+
+    def __init__(
+        self,
+        alpha: float = 0.4,
+        *,
+        per_sample: bool = False,
+        cutmix_alpha: float = 0.0,
+        switch_prob: float = 0.5,
+        prob: float = 1.0,
+        label_smoothing: float = 0.0,
+        off_last_epochs: int = 0,
+        off_last_steps: int = 0,
+        running: bool = False,
+        running_max_lambda: bool = True,
+        input_index: int = 0,
+        target_index: int = 1,
+        input_key: str = "x",
+        target_key: str = "y",
+        seed: int | None = None,
+        log_stats: bool = True,
+    ) -> None:
+        if alpha < 0 or cutmix_alpha < 0:
+            raise ValueError("alpha and cutmix_alpha must be >= 0")
+        if alpha == 0 and cutmix_alpha == 0:
+            raise ValueError("alpha and cutmix_alpha are both 0: nothing to mix")
+        for name, value in (("switch_prob", switch_prob), ("prob", prob)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.alpha = alpha
+        self.per_sample = per_sample
+        self.cutmix_alpha = cutmix_alpha
+        self.switch_prob = (
+            switch_prob if alpha > 0 and cutmix_alpha > 0 else float(cutmix_alpha > 0)
+        )
+        self.prob = prob
+        self.label_smoothing = label_smoothing
+        self.off_last_epochs = off_last_epochs
+        self.off_last_steps = off_last_steps
+        self.running = running
+        self.running_max_lambda = running_max_lambda
+        self.input_index, self.target_index = input_index, target_index
+        self.input_key, self.target_key = input_key, target_key
+        self.seed = seed
+        self.log_stats = log_stats
+        self.generator: torch.Generator | None = None
+        self._pending_state: dict[str, Any] | None = None
+        self._original_step: Any = None
+        self._previous: tuple[Tensor, Tensor] | None = None  # running mixup: inputs, soft targets
+        #: What the last mixed batch used (for inspection and tests).
+        self.last: dict[str, Any] = {}
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        base = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        self.generator = torch.Generator().manual_seed(base * 1_000_003 + trainer.global_rank)
+        if self._pending_state is not None:
+            self.generator.set_state(self._pending_state["generator"])
+            self._pending_state = None
+        self._previous = None
+        original = pl_module.training_step
+        self._original_step = original
+
+        def training_step(batch: Any, *args: Any, **kwargs: Any) -> Any:
+            return original(self._maybe_mix(batch, trainer, pl_module), *args, **kwargs)
+
+        pl_module.training_step = training_step  # type: ignore[method-assign]
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self._original_step is not None:
+            if "training_step" in vars(pl_module):
+                del pl_module.training_step  # back to the class's method
+            self._original_step = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.generator is None else {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "generator" not in state_dict:
+            return
+        if self.generator is None:
+            self._pending_state = dict(state_dict)
+        else:
+            self.generator.set_state(state_dict["generator"])
+
+    # -- decisions --------------------------------------------------------------------------
+    def _scheduled_off(self, trainer: pl.Trainer) -> bool:
+        max_epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
+        if (
+            self.off_last_epochs > 0
+            and 0 < max_epochs <= trainer.current_epoch + self.off_last_epochs
+        ):
+            return True
+        if self.off_last_steps:
+            total = (
+                trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
+            )
+            if trainer.global_step >= total - self.off_last_steps:
+                return True
+        return False
+
+    def _uniform(self) -> float:
+        assert self.generator is not None
+        return float(torch.rand((), generator=self.generator, dtype=torch.float64))
+
+    # -- the mixing ------------------------------------------------------------------------
+    def _maybe_mix(self, batch: Any, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        inputs, targets, rebuild = self._unpack(batch)
+        # Draw the coin every step (even when the schedule is off) so the sequence does not
+        # depend on the schedule.
+        apply = self._uniform() < self.prob and not self._scheduled_off(trainer)
+        use_cutmix = self._uniform() < self.switch_prob
+        if not apply:
+            self.last = {"applied": False}
+            self._previous = None
+            self._log(pl_module, None, applied=False, cutmix=False)
+            return batch
+        mixed_inputs, mixed_targets, lam = self._mix(inputs, targets, use_cutmix)
+        self._log(pl_module, lam, applied=True, cutmix=use_cutmix)
+        return rebuild(mixed_inputs, mixed_targets)
+
+    def _mix(self, inputs: Tensor, targets: Tensor, use_cutmix: bool) -> tuple[Tensor, Any, Tensor]:
+        assert self.generator is not None
+        count = inputs.shape[0]
+        alpha = self.cutmix_alpha if use_cutmix else self.alpha
+        lam = (
+            sample_beta(alpha, count if self.per_sample else 1, self.generator)
+            .expand(count)
+            .clone()
+        )
+        permutation = torch.randperm(count, generator=self.generator)
+        previous = self._previous if self.running else None
+        if previous is not None and previous[0].shape != inputs.shape:
+            previous = None
+        if self.running and self.running_max_lambda:
+            lam = torch.maximum(lam, 1 - lam)
+        device_perm = permutation.to(inputs.device)
+        partner_inputs = previous[0] if previous is not None else inputs[device_perm]
+        if use_cutmix:
+            mixed_inputs, lam = cutmix_inputs(inputs, partner_inputs, lam, self.generator)
+        else:
+            mixed_inputs = mix_inputs(inputs, partner_inputs, lam)
+        self.last = {
+            "applied": True,
+            "cutmix": use_cutmix,
+            "lam": lam.clone(),
+            "permutation": None if previous is not None else permutation,
+            "running": previous is not None,
+        }
+        if targets.is_floating_point():  # soft or one-hot targets: mixed directly
+            partner = previous[1] if previous is not None else targets[device_perm]
+            soft = mix_soft_targets(targets, partner.to(targets), lam)
+            if self.running:
+                self._previous = (mixed_inputs.detach(), soft.detach())
+            if self.label_smoothing:
+                soft = (1 - self.label_smoothing) * soft + self.label_smoothing / soft.shape[1]
+            return mixed_inputs, soft, lam
+        if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise TypeError(
+                f"MixupCallback needs integer class labels or float targets, got {targets.dtype}"
+            )
+        record = self._record_running(mixed_inputs) if self.running else None
+        if previous is not None:
+            labels = MixedLabels(
+                targets,
+                lam,
+                soft_partner=previous[1],
+                label_smoothing=self.label_smoothing,
+                on_soft_targets=record,
+            )
+        else:
+            labels = MixedLabels(
+                targets,
+                lam,
+                labels_b=targets[device_perm],
+                label_smoothing=self.label_smoothing,
+                on_soft_targets=record,
+            )
+        return mixed_inputs, labels, lam
+
+    def _record_running(self, mixed_inputs: Tensor) -> Any:
+        def record(soft_targets: Tensor) -> None:
+            self._previous = (mixed_inputs.detach(), soft_targets)
+
+        return record
+
+    # -- batches ----------------------------------------------------------------------------
+    def _unpack(self, batch: Any) -> tuple[Tensor, Tensor, Any]:
+        if isinstance(batch, Mapping):
+            keys = (self.input_key, self.target_key)
+            missing = [k for k in keys if k not in batch]
+            if missing:
+                raise KeyError(
+                    f"MixupCallback: batch has keys {sorted(batch)}, missing {missing}; set "
+                    "MixupCallback(input_key=..., target_key=...)"
+                )
+            inputs, targets = batch[self.input_key], batch[self.target_key]
+
+            def rebuild(x: Tensor, y: Any) -> Any:
+                out = dict(batch)
+                out[self.input_key], out[self.target_key] = x, y
+                return type(batch)(out) if type(batch) is not dict else out
+
+        elif isinstance(batch, (list, tuple)):
+            if max(self.input_index, self.target_index) >= len(batch):
+                raise IndexError(
+                    f"MixupCallback: batch has {len(batch)} elements; set input_index/target_index"
+                )
+            inputs, targets = batch[self.input_index], batch[self.target_index]
+
+            def rebuild(x: Tensor, y: Any) -> Any:
+                items = list(batch)
+                items[self.input_index], items[self.target_index] = x, y
+                if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+                    return type(batch)(*items)
+                return type(batch)(items)
+
+        else:
+            raise TypeError(
+                f"MixupCallback cannot find inputs and targets in a batch of type "
+                f"{type(batch).__name__}: use (inputs, targets) lists/tuples or a mapping with "
+                "input_key/target_key"
+            )
+        if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
+            raise TypeError(
+                "MixupCallback: inputs and targets must be tensors, got "
+                f"{type(inputs).__name__} and {type(targets).__name__}"
+            )
+        if inputs.shape[0] != targets.shape[0]:
+            raise ValueError(
+                f"MixupCallback: {inputs.shape[0]} inputs but {targets.shape[0]} targets; check "
+                "input_index/target_index or input_key/target_key"
+            )
+        return inputs, targets, rebuild
+
+    def _log(
+        self, pl_module: pl.LightningModule, lam: Tensor | None, *, applied: bool, cutmix: bool
+    ) -> None:
+        if not self.log_stats:
+            return
+        figures = {"mixup/applied": float(applied), "mixup/cutmix": float(applied and cutmix)}
+        if lam is not None:
+            figures["mixup/lambda_mean"] = float(lam.mean())
+            figures["mixup/lambda_min"] = float(lam.min())
+        for name, value in figures.items():
+            pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=1)
+
+
+__all__ = ["SUPPORTED_FORMS", "MixupCallback"]

@@ -1,0 +1,379 @@
+"""MixupCallback on unmodified LightningModules (in-process runs; two ranks through gloo)."""
+
+from __future__ import annotations
+
+from collections import namedtuple
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_kfac import KFACDDPStrategy, MixupCallback
+from lightning_kfac.mixing import MixedLabels, MixupLossError
+from tests.helpers import assert_close
+from tests.lightning_support import trainer_kwargs
+
+CLASSES, FEATURES, SAMPLES = 4, 6, 48
+Pair = namedtuple("Pair", ["inputs", "labels"])
+
+
+def tensors() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(SAMPLES, FEATURES, generator=gen), torch.randint(
+        0, CLASSES, (SAMPLES,), generator=gen
+    )
+
+
+class Samples(Dataset):
+    def __init__(self, form: str) -> None:
+        self.x, self.y = tensors()
+        self.form = form
+
+    def __len__(self) -> int:
+        return SAMPLES
+
+    def __getitem__(self, i: int) -> Any:
+        if self.form == "dict":
+            return {"image": self.x[i], "label": self.y[i], "index": i}
+        return self.x[i], self.y[i], i
+
+
+def collate_tuple(items: list) -> tuple:
+    x, y, i = zip(*items, strict=True)
+    return torch.stack(x), torch.stack(y), torch.tensor(i)
+
+
+def collate_namedtuple(items: list) -> Pair:
+    x, y, _ = collate_tuple(items)
+    return Pair(x, y)
+
+
+class Plain(pl.LightningModule):
+    """An ordinary classifier; records what its training_step received."""
+
+    def __init__(
+        self, form: str = "list", loss: nn.Module | None = None, batch_size: int = 12
+    ) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(FEATURES, 8), nn.Tanh(), nn.Linear(8, CLASSES))
+        self.form = form
+        self.loss_fn = loss
+        self.batch_size = batch_size
+        self.accuracy = torchmetrics.classification.MulticlassAccuracy(num_classes=CLASSES)
+        self.records: list[dict[str, Any]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.form == "dict":
+            x, y = batch["image"], batch["label"]
+        elif self.form == "namedtuple":
+            x, y = batch.inputs, batch.labels
+        else:
+            x, y = batch[0], batch[1]
+        logits = self(x)
+        loss = self.loss_fn(logits, y) if self.loss_fn is not None else F.cross_entropy(logits, y)
+        self.accuracy(logits, y)  # torchmetrics with the same labels
+        correct = (logits.argmax(1) == y).float().mean()
+        self.log("acc", self.accuracy)
+        self.records.append(
+            {
+                "batch_type": type(batch),
+                "x": x.detach().clone(),
+                "y": y,
+                "loss": loss.detach(),
+                "correct": correct,
+            }
+        )
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    def train_dataloader(self) -> DataLoader:
+        collate = {"tuple": collate_tuple, "namedtuple": collate_namedtuple}.get(self.form)
+        return DataLoader(Samples(self.form), batch_size=self.batch_size, collate_fn=collate)
+
+
+def fit(
+    tmp_path: Path, module: pl.LightningModule, callback: MixupCallback, **overrides: Any
+) -> pl.Trainer:
+    overrides.setdefault("max_steps", 4)
+    callbacks = [callback, *overrides.pop("callbacks", [])]
+    trainer = pl.Trainer(devices=1, callbacks=callbacks, **trainer_kwargs(tmp_path, **overrides))
+    trainer.fit(module)
+    return trainer
+
+
+@pytest.mark.parametrize("form", ["list", "tuple", "namedtuple", "dict"])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_exact_mixup_loss_on_every_batch_form(tmp_path: Path, form: str, per_sample: bool) -> None:
+    module = Plain(form)
+    callback = MixupCallback(
+        alpha=0.4, per_sample=per_sample, input_key="image", target_key="label", seed=7
+    )
+    records_of_mixing = []
+    original_mix = callback._mix
+
+    def spy(inputs, targets, use_cutmix):
+        out = original_mix(inputs, targets, use_cutmix)
+        records_of_mixing.append((inputs.clone(), targets.clone(), dict(callback.last)))
+        return out
+
+    callback._mix = spy  # observe what was mixed (the arithmetic is the callback's own)
+    fit(tmp_path, module, callback, max_steps=1)
+    (record,) = module.records
+    (inputs, labels, last) = records_of_mixing[0]
+    expected_type = {"list": list, "tuple": tuple, "namedtuple": Pair, "dict": dict}[form]
+    assert record["batch_type"] is expected_type
+    lam, perm = last["lam"], last["permutation"]
+    assert per_sample == (lam.unique().numel() > 1)
+    lam32 = lam.float().view(-1, 1)
+    assert_close(record["x"], lam32 * inputs + (1 - lam32) * inputs[perm], rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        logits = module(record["x"])  # weights have moved by one step: recompute with the record
+    assert isinstance(record["y"], MixedLabels)
+    # the loss the unmodified training_step computed is the mixup formula
+    torch.manual_seed(0)
+    reference = Plain(form)
+    with torch.no_grad():
+        ref_logits = reference(record["x"])
+    expected = (
+        lam * F.cross_entropy(ref_logits, labels, reduction="none").double()
+        + (1 - lam) * F.cross_entropy(ref_logits, labels[perm], reduction="none").double()
+    ).mean()
+    assert float(record["loss"]) == pytest.approx(float(expected), rel=1e-5)
+    # accuracy against valid integer labels: each sample's dominant label
+    dominant = torch.where(lam >= 0.5, labels, labels[perm])
+    assert float(record["correct"]) == pytest.approx(
+        float((ref_logits.argmax(1) == dominant).float().mean())
+    )
+    del logits
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5, 3.0])),
+        nn.CrossEntropyLoss(label_smoothing=0.1),
+        nn.CrossEntropyLoss(ignore_index=3),
+    ],
+)
+def test_cross_entropy_module_arguments(tmp_path: Path, loss: nn.Module) -> None:
+    module = Plain("list", loss=loss)
+    callback = MixupCallback(alpha=0.4, seed=3)
+    seen = []
+    original_mix = callback._mix
+    callback._mix = lambda i, t, c: (seen.append(t.clone()), original_mix(i, t, c))[1]
+    fit(tmp_path, module, callback, max_steps=1)
+    (record,) = module.records
+    lam, perm = callback.last["lam"][0].item(), callback.last["permutation"]
+    torch.manual_seed(0)
+    reference = Plain("list")
+    with torch.no_grad():
+        logits = reference(record["x"])
+    y = seen[0]
+    expected = lam * loss(logits, y) + (1 - lam) * loss(logits, y[perm])
+    assert float(record["loss"]) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_float_targets_are_mixed_directly(tmp_path: Path) -> None:
+    class Soft(Plain):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = F.cross_entropy(self(x), y)  # probabilities as targets
+            self.records.append({"x": x, "y": y, "loss": loss.detach()})
+            return loss
+
+        def train_dataloader(self):
+            x, y = tensors()
+            return DataLoader(
+                list(zip(x, F.one_hot(y, CLASSES).float(), strict=True)), batch_size=12
+            )
+
+    module = Soft("list")
+    callback = MixupCallback(alpha=0.4, seed=1)
+    fit(tmp_path, module, callback, max_steps=1)
+    y = module.records[0]["y"]
+    assert type(y) is torch.Tensor and y.is_floating_point()
+    lam, perm = callback.last["lam"][0].item(), callback.last["permutation"]
+    _, labels = tensors()
+    onehot = F.one_hot(labels[:12], CLASSES).float()
+    assert_close(y, lam * onehot + (1 - lam) * onehot[perm], rtol=1e-6, atol=1e-7)
+
+
+def test_unsupported_loss_and_batch_raise_clear_errors(tmp_path: Path) -> None:
+    module = Plain("list", loss=lambda logits, y: F.nll_loss(F.log_softmax(logits, 1), y))
+    with pytest.raises(MixupLossError, match="cannot make nll_loss exact"):
+        fit(tmp_path, module, MixupCallback())
+
+    class TensorBatches(Plain):
+        def train_dataloader(self):
+            return DataLoader(tensors()[0], batch_size=12)
+
+    with pytest.raises(TypeError, match="cannot find inputs and targets"):
+        fit(tmp_path, TensorBatches("list"), MixupCallback())
+    with pytest.raises(KeyError, match="input_key"):
+        fit(tmp_path, Plain("dict"), MixupCallback())  # keys are "image"/"label", not "x"/"y"
+    with pytest.raises(ValueError, match="both 0"):
+        MixupCallback(alpha=0.0)
+
+
+def test_cutmix_only_on_images(tmp_path: Path) -> None:
+    class Images(Plain):
+        def __init__(self):
+            super().__init__("list")
+            self.net = nn.Sequential(
+                nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, CLASSES)
+            )
+
+        def train_dataloader(self):
+            _x, y = tensors()
+            images = torch.randn(SAMPLES, 1, 6, 6, generator=torch.Generator().manual_seed(2))
+            return DataLoader(list(zip(images, y, strict=True)), batch_size=12)
+
+    module = Images()
+    callback = MixupCallback(alpha=0.0, cutmix_alpha=1.0, seed=4)
+    fit(tmp_path, module, callback, max_steps=1)
+    assert callback.last["cutmix"]
+    lam = callback.last["lam"]
+    assert isinstance(module.records[0]["y"], MixedLabels)
+    assert_close(module.records[0]["y"].lam, lam)
+
+
+def test_off_schedule_for_final_epochs(tmp_path: Path) -> None:
+    module = Plain("list")  # 48 samples / 12 = 4 steps per epoch
+    callback = MixupCallback(alpha=0.4, off_last_epochs=1, seed=0)
+    fit(tmp_path, module, callback, max_steps=-1, max_epochs=3)
+    mixed = [isinstance(r["y"], MixedLabels) for r in module.records]
+    assert mixed == [True] * 8 + [False] * 4
+    module = Plain("list")
+    fit(tmp_path, module, MixupCallback(alpha=0.4, off_last_steps=3, seed=0), max_steps=6)
+    assert [isinstance(r["y"], MixedLabels) for r in module.records] == [True] * 3 + [False] * 3
+
+
+class SaveAt(pl.Callback):
+    def __init__(self, path: Path, epoch: int) -> None:
+        self.path, self.epoch = path, epoch
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            trainer.save_checkpoint(self.path)
+
+
+def test_resume_reproduces_the_lambda_sequence(tmp_path: Path) -> None:
+    def lambdas(module: Plain) -> list[float]:
+        return [float(r["y"].lam[0]) for r in module.records]
+
+    full = Plain("list")
+    fit(
+        tmp_path,
+        full,
+        MixupCallback(seed=11),
+        max_steps=-1,
+        max_epochs=2,
+        callbacks=[SaveAt(tmp_path / "e0.ckpt", 0)],
+    )
+    resumed = Plain("list")
+    trainer = pl.Trainer(
+        devices=1, callbacks=[MixupCallback(seed=11)], **trainer_kwargs(tmp_path, max_epochs=2)
+    )
+    trainer.fit(resumed, ckpt_path=tmp_path / "e0.ckpt")
+    assert len(lambdas(resumed)) == 4
+    assert lambdas(resumed) == lambdas(full)[4:]
+    fresh = Plain("list")
+    fit(tmp_path, fresh, MixupCallback(seed=11), max_steps=4)
+    assert lambdas(fresh) != lambdas(full)[4:]  # the resumed sequence came from the checkpoint
+
+
+class RecordPermutation(pl.Callback):
+    def __init__(self, mixup: MixupCallback, directory: Path) -> None:
+        self.mixup, self.directory = mixup, directory
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        torch.save(self.mixup.last, self.directory / f"rank{trainer.global_rank}.pt")
+
+
+def test_two_ranks_draw_different_permutations_and_train_with_kfac(tmp_path: Path) -> None:
+    mixup = MixupCallback(alpha=0.4, per_sample=True, seed=5)
+    module = Plain("list")
+    trainer = pl.Trainer(
+        strategy=KFACDDPStrategy(start_method="fork", kl_clip=1e-2),
+        devices=2,
+        callbacks=[mixup, RecordPermutation(mixup, tmp_path)],
+        **trainer_kwargs(tmp_path, max_steps=6),
+    )
+    trainer.fit(module)
+    zero, one = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert zero["applied"] and one["applied"]
+    assert not torch.equal(zero["permutation"], one["permutation"])
+    assert not torch.equal(zero["lam"], one["lam"])
+
+
+def test_kfac_factors_come_from_the_mixed_inputs(tmp_path: Path) -> None:
+    module = Plain("list")
+    mixup = MixupCallback(alpha=0.4, seed=2)
+    strategy = KFACDDPStrategy(start_method="popen", kl_clip=None)
+    fit(tmp_path, module, mixup, max_steps=1, strategy=strategy)
+    x = module.records[0]["x"].double()
+    rows = torch.cat([x, torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
+    A = strategy.preconditioner.layers["net.0"].a.value[0].double()
+    assert_close(A, rows.T @ rows / x.shape[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cutmix", [False, True])
+def test_running_mixup_mixes_with_the_previous_mixed_batch(tmp_path: Path, cutmix: bool) -> None:
+    class Images(Plain):
+        def __init__(self) -> None:
+            super().__init__("list")
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(FEATURES, CLASSES))
+
+        def train_dataloader(self):
+            x, y = tensors()
+            return DataLoader(list(zip(x.view(-1, 1, 2, 3), y, strict=True)), batch_size=12)
+
+    module = Images()
+    options = dict(alpha=0.0, cutmix_alpha=1.0) if cutmix else dict(alpha=0.4)
+    mixup = MixupCallback(running=True, seed=9, **options)
+    lams = []
+    original = mixup._mix
+    mixup._mix = lambda i, t, c: (lambda out: (lams.append(mixup.last), out)[1])(original(i, t, c))
+    fit(tmp_path, module, mixup, max_steps=2)
+    first, second = module.records
+    x_all, y_all = tensors()
+    x1, x2 = x_all[:12].view(-1, 1, 2, 3), x_all[12:24].view(-1, 1, 2, 3)
+    y1, y2 = y_all[:12], y_all[12:24]
+    assert not lams[0]["running"] and lams[1]["running"]
+    lam1, lam2 = lams[0]["lam"], lams[1]["lam"]
+    assert bool((lam2 >= 0.5).all())  # running mixup keeps the new batch dominant
+    if not cutmix:
+        perm = lams[0]["permutation"]
+        expected_x1 = (
+            lam1.float().view(-1, 1, 1, 1) * x1 + (1 - lam1.float().view(-1, 1, 1, 1)) * x1[perm]
+        )
+        assert_close(first["x"], expected_x1, rtol=1e-6, atol=1e-6)
+        w2 = lam2.float().view(-1, 1, 1, 1)
+        assert_close(second["x"], w2 * x2 + (1 - w2) * first["x"], rtol=1e-6, atol=1e-6)
+    else:
+        taken = second["x"] != x2  # pixels pasted from the previous mixed batch
+        assert_close(second["x"][taken], first["x"][taken])
+    # the loss mixes the new labels with the previous batch's soft targets
+    onehot = F.one_hot(y1, CLASSES).double()
+    perm1 = lams[0]["permutation"]
+    soft1 = lam1.view(-1, 1) * onehot + (1 - lam1.view(-1, 1)) * onehot[perm1]
+    target2 = lam2.view(-1, 1) * F.one_hot(y2, CLASSES).double() + (1 - lam2.view(-1, 1)) * soft1
+    y = second["y"]
+    assert isinstance(y, MixedLabels) and y.soft_partner is not None
+    assert_close(y.soft_partner.double(), soft1, rtol=1e-6, atol=1e-7)
+    logits = torch.randn(
+        12, CLASSES, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
+    assert_close(F.cross_entropy(logits, y), F.cross_entropy(logits, target2), rtol=1e-6, atol=1e-8)
