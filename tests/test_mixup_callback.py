@@ -24,10 +24,11 @@ Pair = namedtuple("Pair", ["inputs", "labels"])
 
 
 def tensors() -> tuple[torch.Tensor, torch.Tensor]:
+    """A learnable task: labels from a fixed linear teacher."""
     gen = torch.Generator().manual_seed(0)
-    return torch.randn(SAMPLES, FEATURES, generator=gen), torch.randint(
-        0, CLASSES, (SAMPLES,), generator=gen
-    )
+    x = torch.randn(SAMPLES, FEATURES, generator=gen)
+    teacher = torch.randn(FEATURES, CLASSES, generator=gen)
+    return x, (x @ teacher).argmax(1)
 
 
 class Samples(Dataset):
@@ -377,3 +378,69 @@ def test_running_mixup_mixes_with_the_previous_mixed_batch(tmp_path: Path, cutmi
         12, CLASSES, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
     )
     assert_close(F.cross_entropy(logits, y), F.cross_entropy(logits, target2), rtol=1e-6, atol=1e-8)
+
+
+def test_callback_label_smoothing_and_logged_statistics(tmp_path: Path) -> None:
+    module = Plain("list")
+    callback = MixupCallback(alpha=0.4, label_smoothing=0.1, seed=3)
+    trainer = fit(tmp_path, module, callback, max_steps=1)
+    (record,) = module.records
+    lam, perm = callback.last["lam"][0].item(), callback.last["permutation"]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        logits = Plain("list")(record["x"])
+    _, labels = tensors()
+    y = labels[:12]
+    expected = lam * F.cross_entropy(logits, y, label_smoothing=0.1) + (1 - lam) * F.cross_entropy(
+        logits, y[perm], label_smoothing=0.1
+    )
+    assert float(record["loss"]) == pytest.approx(float(expected), rel=1e-5)
+    metrics = trainer.callback_metrics
+    assert float(metrics["mixup/lambda_mean"]) == pytest.approx(lam, rel=1e-6)
+    assert float(metrics["mixup/applied"]) == 1.0 and float(metrics["mixup/cutmix"]) == 0.0
+
+
+def test_only_training_is_mixed(tmp_path: Path) -> None:
+    class WithValidation(Plain):
+        def validation_step(self, batch, batch_idx):
+            self.records.append({"stage": "val", "y": batch[1], "x": batch[0]})
+
+        def val_dataloader(self):
+            return self.train_dataloader()
+
+    module = WithValidation("list")
+    fit(
+        tmp_path,
+        module,
+        MixupCallback(seed=0),
+        max_steps=2,
+        limit_val_batches=2,
+        val_check_interval=1,
+    )
+    validation = [r for r in module.records if r.get("stage") == "val"]
+    training = [r for r in module.records if r.get("stage") != "val"]
+    assert validation and training
+    assert all(type(r["y"]) is torch.Tensor for r in validation)
+    x, _ = tensors()
+    assert torch.equal(validation[0]["x"], x[:12])  # unmixed inputs
+    assert all(isinstance(r["y"], MixedLabels) for r in training)
+    assert "training_step" not in vars(module)  # the wrapper is removed after fit
+
+
+def test_kfac_with_mixup_trains(tmp_path: Path) -> None:
+    class LossPerEpoch(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            losses = [float(r["loss"]) for r in pl_module.records]
+            if trainer.global_rank == 0:
+                torch.save(losses, tmp_path / "losses.pt")
+
+    trainer = pl.Trainer(
+        strategy=KFACDDPStrategy(start_method="fork", kl_clip=1e-2, damping=1e-2),
+        devices=2,
+        callbacks=[MixupCallback(alpha=0.4, seed=1), LossPerEpoch()],
+        **trainer_kwargs(tmp_path, max_epochs=15),
+    )
+    trainer.fit(Plain("list"))  # 48 samples, 2 ranks x 12: 2 steps per epoch
+    losses = torch.tensor(torch.load(tmp_path / "losses.pt"))
+    assert losses.numel() == 30 and bool(torch.isfinite(losses).all())
+    assert float(losses[-6:].mean()) < 0.7 * float(losses[:6].mean())
