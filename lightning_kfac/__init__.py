@@ -5,7 +5,7 @@
 for the unified ``lightning.pytorch`` package.
 """
 
-from lightning_kfac.callbacks import MixupCallback
+from lightning_kfac.callbacks import MixupCallback, SharpnessCallback
 from lightning_kfac.distributed import DistributionMode
 from lightning_kfac.kfac import ComputeMethod, KFACNumericalWarning, KFACPreconditioner
 from lightning_kfac.pytorch_lightning import KFACDDPStrategy
@@ -19,5 +19,6 @@ __all__ = [
     "KFACNumericalWarning",
     "KFACPreconditioner",
     "MixupCallback",
+    "SharpnessCallback",
     "__version__",
 ]

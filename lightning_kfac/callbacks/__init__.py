@@ -1,5 +1,6 @@
 """Lightning callbacks."""
 
 from lightning_kfac.callbacks.mixup import MixupCallback
+from lightning_kfac.callbacks.sharpness import SharpnessCallback
 
-__all__ = ["MixupCallback"]
+__all__ = ["MixupCallback", "SharpnessCallback"]

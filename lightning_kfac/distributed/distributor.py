@@ -17,7 +17,6 @@ gradient for that layer, exactly as the owner does.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Sequence
 
 import torch
@@ -28,10 +27,10 @@ from lightning_kfac.distributed.assignment import assign_by_cost, decomposition_
 from lightning_kfac.distributed.comm import BucketedAllReduce, broadcast_packed, packed_numel
 from lightning_kfac.kfac.distribution import Distributor
 from lightning_kfac.kfac.kfac_layer import KFACLayer
-from lightning_kfac.kfac.options import ComputeMethod
+from lightning_kfac.kfac.options import ComputeMethod, StrEnum
 
 
-class DistributionMode(str, enum.Enum):
+class DistributionMode(StrEnum):
     """What owners send after decomposing (Pauloski et al. 2021, KAISA, §4)."""
 
     BROADCAST_DECOMPOSITIONS = "broadcast_decompositions"

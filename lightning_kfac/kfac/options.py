@@ -10,7 +10,14 @@ from collections.abc import Callable
 Schedule = float | Callable[[int], float]
 
 
-class ComputeMethod(str, enum.Enum):
+class StrEnum(str, enum.Enum):
+    """A string-valued choice: ``Choice("value")`` and ``Choice.VALUE == "value"`` both work."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class ComputeMethod(StrEnum):
     """How the damped Kronecker factors are inverted.
 
     - ``EIGEN`` (default): eigendecompose ``A = Q_A diag(e_A) Q_A^T`` and
