@@ -30,7 +30,9 @@ use ``KFACPreconditioner`` directly.
 
 Checkpoints carry the preconditioner's ``state_dict`` under ``"kfac"``; a run resumes exactly
 (``broadcast_decompositions`` mode), also on a different number of ranks, since factors are
-global averages.
+global averages. In ``broadcast_gradients`` mode rank 0 holds only its own decompositions, so
+after a resume between two inverse updates the other layers' decompositions are recomputed from
+the saved (newer) factors: training continues correctly but not bit-identically.
 """
 
 from __future__ import annotations

@@ -27,6 +27,16 @@ def _fresh_process_group() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
+def _restore_environment() -> Iterator[None]:
+    """Runs that call ``seed_everything`` set ``PL_GLOBAL_SEED``, which seeds the shuffling of
+    Lightning's DistributedSampler in every later run; W&B helpers set ``WANDB_*``. Undo it."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
 def _restore_default_dtype() -> Iterator[None]:
     dtype = torch.get_default_dtype()
     yield

@@ -1,8 +1,10 @@
 """A tiny LightningModule and helpers for strategy tests through real gloo processes.
 
-With ``shuffle=False``, Lightning's ``DistributedSampler`` gives rank ``r`` of ``R`` the samples
-``r, r + R, ...``, so step ``k`` of ``R`` ranks with batch ``B`` sees exactly the samples of step
-``k`` of one rank with batch ``R·B``: the two runs must produce the same parameters.
+For training, Lightning always replaces the sampler by a *shuffling* ``DistributedSampler``
+(seeded from ``PL_GLOBAL_SEED``, 0 by default). Every rank draws the same permutation ``p`` and
+rank ``r`` of ``R`` takes ``p[r], p[r + R], ...``, so step ``k`` of ``R`` ranks with batch ``B``
+sees exactly the samples of step ``k`` of one rank with batch ``R·B``: the two runs must produce
+the same parameters.
 """
 
 from __future__ import annotations

@@ -1,0 +1,301 @@
+"""Train a classifier with Lightning, optionally with K-FAC and mixup, logged to W&B.
+
+    python examples/train.py                                   # digits, SGD, 1 process
+    python examples/train.py --trainer.strategy kfac_ddp_fork --trainer.devices 2 --mixup 0.4
+    python examples/train.py --data cifar10 --data-dir ~/data/cifar-10-batches-py \\
+        --trainer.strategy kfac_ddp
+
+Data: ``digits`` (scikit-learn's bundled images, default), ``teacher`` (synthetic
+teacher-student), ``cifar10`` (python-version batch files in ``--data-dir``; nothing is
+downloaded). Logging: ``WandbLogger`` by default — offline unless a W&B API key is configured,
+with the ``wandb sync`` command printed — or ``--logger csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+if __package__ in (None, ""):  # `python examples/train.py`: make `examples` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from examples.data import make_datamodule
+from examples.model import Classifier
+from lightning_kfac import KFACDDPStrategy, MixupCallback
+from lightning_kfac.strategy import STRATEGY_NAMES
+
+
+def wandb_available() -> bool:
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def wandb_has_api_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path.home() / ".netrc"
+    return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def make_logger(
+    kind: str,
+    save_dir: Path,
+    project: str,
+    name: str,
+    group: str | None = None,
+    quiet: bool = False,
+):
+    """``WandbLogger`` (offline without an API key), or a CSV logger on request / without wandb."""
+    save_dir.mkdir(parents=True, exist_ok=True)
+    if kind == "wandb" and not wandb_available():
+        print("wandb is not installed: logging to CSV instead", flush=True)
+        kind = "csv"
+    if kind == "csv":
+        from pytorch_lightning.loggers import CSVLogger
+
+        return CSVLogger(save_dir, name=name)
+    from pytorch_lightning.loggers import WandbLogger
+
+    if "WANDB_MODE" not in os.environ and not wandb_has_api_key():
+        os.environ["WANDB_MODE"] = "offline"
+    os.environ.setdefault("WANDB_SILENT", "true")
+    logger = WandbLogger(project=project, name=name, group=group, save_dir=str(save_dir))
+    if os.environ.get("WANDB_MODE") in ("offline", "dryrun") and not quiet:
+        print(
+            f"W&B is offline: the run is written under {save_dir / 'wandb'}; upload it later with\n"
+            f"    wandb sync {save_dir / 'wandb'}/offline-run-*",
+            flush=True,
+        )
+    return logger
+
+
+class History(pl.Callback):
+    """Rank 0 writes the run's curve to JSON: test accuracy per validation, clean training loss,
+    time, and the sharpness (top Hessian eigenvalue) when the clean training loss first reaches
+    ``sharpness_at_loss`` (so runs are compared at a matched training loss)."""
+
+    def __init__(
+        self, path: Path, datamodule: Any = None, sharpness_at_loss: float | None = None
+    ) -> None:
+        self.path = path
+        self.datamodule = datamodule
+        self.sharpness_at_loss = sharpness_at_loss
+        self.sharpness: dict[str, float] | None = None
+        self.curve: list[dict[str, float]] = []
+        self.start = 0.0
+        self.train_loss = float("nan")
+
+    def _measure_training_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Clean training loss on the first 1,024 training samples; sharpness once it is low."""
+        if trainer.global_rank != 0 or self.datamodule is None:
+            return
+        x, y = self.datamodule.train_set.tensors
+        x, y = x[:1024].to(pl_module.device), y[:1024].to(pl_module.device)
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            self.train_loss = float(torch.nn.functional.cross_entropy(pl_module(x), y))
+        pl_module.train(was_training)
+        target = self.sharpness_at_loss
+        if target is not None and self.sharpness is None and self.train_loss <= target:
+            from lightning_kfac.sharpness import model_sharpness
+
+            value = model_sharpness(
+                pl_module,
+                [(x, y)],
+                torch.nn.functional.cross_entropy,
+                iterations=30,
+                tolerance=1e-3,
+                generator=torch.Generator().manual_seed(0),
+            )
+            self.sharpness = {
+                "top_eigenvalue": value,
+                "train_loss": self.train_loss,
+                "step": trainer.global_step,
+            }
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        # validation runs under inference mode; the Hessian-vector products need autograd
+        with torch.inference_mode(False), torch.enable_grad():
+            self._measure_training_loss(trainer, pl_module)
+        metrics = trainer.callback_metrics
+        self.curve.append(
+            {
+                "step": trainer.global_step,
+                "epoch": trainer.current_epoch,
+                "val_acc": float(metrics.get("val/acc", float("nan"))),
+                "val_loss": float(metrics.get("val/loss", float("nan"))),
+                "train_loss": self.train_loss,
+                "time_s": time.perf_counter() - self.start,
+            }
+        )
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_rank == 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            elapsed = time.perf_counter() - self.start
+            payload = {"curve": self.curve, "wall_time_s": elapsed, "sharpness": self.sharpness}
+            self.path.write_text(json.dumps(payload))
+            logger = trainer.logger
+            if logger is not None and type(logger).__name__ == "WandbLogger":
+                import wandb
+
+                wandb.finish()  # forked workers exit without atexit hooks: close the run here
+
+
+def make_strategy(name: str, devices: int, kfac_options: dict[str, Any]) -> Any:
+    """A ``KFACDDPStrategy`` for the ``kfac_ddp*`` names (with K-FAC options), else the name."""
+    if name in STRATEGY_NAMES:
+        return KFACDDPStrategy(start_method=STRATEGY_NAMES[name], **kfac_options)
+    return name
+
+
+def fit_run(
+    *,
+    data: str = "digits",
+    data_dir: str | None = None,
+    batch_size: int = 64,
+    base_batch_size: int = 32,
+    base_lr: float = 0.05,
+    base_warmup_epochs: float = 0.1,
+    max_epochs: int = 20,
+    strategy: str = "auto",
+    accelerator: str = "cpu",
+    devices: int = 1,
+    num_nodes: int = 1,
+    precision: str = "32-true",
+    mixup_alpha: float = 0.0,
+    kfac_options: dict[str, Any] | None = None,
+    seed: int = 0,
+    logger: Any = None,
+    history_path: Path,
+    extra_callbacks: list[pl.Callback] | None = None,
+    val_every_n_epochs: int = 1,
+    validation: bool = False,
+    sharpness_at_loss: float | None = None,
+) -> dict[str, Any]:
+    """Train once; return rank 0's history (read back from ``history_path``)."""
+    pl.seed_everything(seed, workers=True, verbose=False)
+    datamodule = make_datamodule(data, batch_size, data_dir, validation=validation)
+    model = Classifier(
+        input_shape=datamodule.input_shape,
+        num_classes=datamodule.num_classes,
+        base_lr=base_lr,
+        base_batch_size=base_batch_size,
+        batch_size=batch_size,
+        base_warmup_epochs=base_warmup_epochs,
+    )
+    callbacks: list[pl.Callback] = [
+        History(history_path, datamodule, sharpness_at_loss),
+        *(extra_callbacks or []),
+    ]
+    if mixup_alpha > 0:
+        callbacks.append(MixupCallback(alpha=mixup_alpha))
+    trainer = pl.Trainer(
+        strategy=make_strategy(strategy, devices, kfac_options or {}),
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=num_nodes,
+        precision=precision,
+        max_epochs=max_epochs,
+        logger=logger if logger is not None else False,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        check_val_every_n_epoch=val_every_n_epochs,
+        log_every_n_steps=1,
+    )
+    trainer.fit(model, datamodule=datamodule)
+    return json.loads(history_path.read_text())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="digits", choices=["digits", "teacher", "cifar10"])
+    parser.add_argument("--data-dir")
+    parser.add_argument("--batch-size", type=int, default=64, help="global batch size")
+    parser.add_argument(
+        "--base-batch-size", type=int, default=32, help="batch size --lr was tuned at"
+    )
+    parser.add_argument("--lr", type=float, default=0.05, help="learning rate at --base-batch-size")
+    parser.add_argument(
+        "--warmup-epochs", type=float, default=0.1, help="warmup at --base-batch-size"
+    )
+    parser.add_argument("--max-epochs", type=int, default=20)
+    parser.add_argument(
+        "--trainer.strategy",
+        dest="strategy",
+        default="auto",
+        help="e.g. kfac_ddp, kfac_ddp_fork, ddp, auto",
+    )
+    parser.add_argument("--trainer.accelerator", dest="accelerator", default="cpu")
+    parser.add_argument("--trainer.devices", dest="devices", type=int, default=1)
+    parser.add_argument("--trainer.num_nodes", dest="num_nodes", type=int, default=1)
+    parser.add_argument("--trainer.precision", dest="precision", default="32-true")
+    parser.add_argument("--kfac.damping", dest="damping", type=float, default=1e-2)
+    parser.add_argument(
+        "--kfac.factor_update_interval", dest="factor_interval", type=int, default=1
+    )
+    parser.add_argument(
+        "--kfac.inverse_update_interval", dest="inverse_interval", type=int, default=10
+    )
+    parser.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off)")
+    parser.add_argument("--logger", default="wandb", choices=["wandb", "csv"])
+    parser.add_argument("--out", default="runs/train")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    name = f"{args.data}-{args.strategy}-b{args.batch_size}" + (
+        f"-mixup{args.mixup}" if args.mixup else ""
+    )
+    result = fit_run(
+        data=args.data,
+        data_dir=args.data_dir,
+        batch_size=args.batch_size,
+        base_batch_size=args.base_batch_size,
+        base_lr=args.lr,
+        base_warmup_epochs=args.warmup_epochs,
+        max_epochs=args.max_epochs,
+        strategy=args.strategy,
+        accelerator=args.accelerator,
+        devices=args.devices,
+        num_nodes=args.num_nodes,
+        precision=args.precision,
+        mixup_alpha=args.mixup,
+        kfac_options=dict(
+            damping=args.damping,
+            factor_update_interval=args.factor_interval,
+            inverse_update_interval=args.inverse_interval,
+        ),
+        seed=args.seed,
+        logger=make_logger(args.logger, out, "lightning-kfac", name),
+        history_path=out / f"{name}.json",
+    )
+    final = result["curve"][-1]
+    print(
+        f"{name}: test accuracy {final['val_acc']:.4f} after {final['step']} steps, "
+        f"{result['wall_time_s']:.1f} s"
+    )
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    main()

@@ -1,0 +1,107 @@
+"""The examples: CIFAR-10 loader on generated files, train.py, and the --quick study end to end."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from examples.data import (
+    CIFAR10_TEST_FILE,
+    CIFAR10_TRAIN_FILES,
+    CIFAR10DataModule,
+    load_cifar10_batch,
+)
+
+
+def write_cifar_files(
+    directory: Path, per_file: int = 6
+) -> dict[str, tuple[np.ndarray, list[int]]]:
+    """Small files in the standard python-version format: a pickled dict with b'data' (uint8,
+    [N, 3072] = 1024 red, 1024 green, 1024 blue values, row-major) and b'labels'."""
+    rng = np.random.default_rng(0)
+    written = {}
+    for name in [*CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE]:
+        data = rng.integers(0, 256, size=(per_file, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=per_file).tolist()
+        with open(directory / name, "wb") as handle:
+            pickle.dump({b"batch_label": name.encode(), b"data": data, b"labels": labels}, handle)
+        written[name] = (data, labels)
+    return written
+
+
+def test_cifar10_loader_reads_the_standard_files(tmp_path: Path) -> None:
+    written = write_cifar_files(tmp_path)
+    images, labels = load_cifar10_batch(tmp_path / "data_batch_3")
+    data, expected_labels = written["data_batch_3"]
+    assert images.shape == (6, 3, 32, 32) and images.dtype == np.uint8
+    assert labels.tolist() == expected_labels
+    # channel c, row h, column w is entry c·1024 + h·32 + w of the flat record
+    assert images[2, 1, 5, 7] == data[2, 1 * 1024 + 5 * 32 + 7]
+    module = CIFAR10DataModule(tmp_path, batch_size=4)
+    module.setup()
+    assert len(module.train_set) == 30 and len(module.test_set) == 6
+    x, y = module.train_set.tensors
+    assert x.shape == (30, 3, 32, 32) and y.dtype == torch.int64
+    assert float(x.mean()) == pytest.approx(0.0, abs=1e-5)  # standardised with train statistics
+
+
+def test_cifar10_loader_names_missing_files(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
+        CIFAR10DataModule(tmp_path).setup()
+
+
+def test_train_script_with_csv_logger(tmp_path: Path) -> None:
+    from examples.train import main
+
+    main(
+        [
+            "--data",
+            "teacher",
+            "--max-epochs",
+            "2",
+            "--batch-size",
+            "256",
+            "--logger",
+            "csv",
+            "--trainer.strategy",
+            "kfac_ddp_fork",
+            "--trainer.devices",
+            "2",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    history = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert len(history["curve"]) == 2 and history["curve"][-1]["val_acc"] > 0.1
+    metrics = next(tmp_path.glob("**/metrics.csv")).read_text()
+    assert "kfac/damping" in metrics.splitlines()[0]
+
+
+@pytest.mark.slow
+def test_quick_study_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    from examples.large_batch_study import METHODS, main
+
+    report = main(["--quick", "--out", str(tmp_path)])
+    assert report["total_time_s"] < 120
+    assert set(report["summary"]) == set(METHODS)
+    for method, summary in report["summary"].items():
+        assert summary["seeds"] == 2
+        assert 0.0 < summary["test_accuracy_mean"] <= 1.0, method
+    table = (tmp_path / "table.md").read_text()
+    assert all(f"| {method} |" in table for method in METHODS)
+    assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((tmp_path / "study.json").read_text())
+    assert saved["summary"] == json.loads(json.dumps(report["summary"]))
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 8  # 4 methods x 2 seeds, one W&B run each
+    payloads = [run.read_bytes() for run in runs]
+    assert sum(b"kfac/damping" in p for p in payloads) == 4  # the K-FAC runs
+    assert sum(b"mixup/lambda_mean" in p for p in payloads) == 2  # the K-FAC + mixup runs
+    assert all(b"val/acc" in p for p in payloads)
