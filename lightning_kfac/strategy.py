@@ -37,7 +37,6 @@ the saved (newer) factors: training continues correctly but not bit-identically.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -48,8 +47,6 @@ from torch import nn
 from lightning_kfac.distributed import DistributionMode, TorchDistributedDistributor
 from lightning_kfac.kfac import ComputeMethod, KFACPreconditioner
 from lightning_kfac.kfac.options import Schedule
-
-log = logging.getLogger(__name__)
 
 #: Registered strategy names and their ``start_method``.
 STRATEGY_NAMES = {"kfac_ddp": "popen", "kfac_ddp_spawn": "spawn", "kfac_ddp_fork": "fork"}
@@ -120,7 +117,11 @@ class KFACStrategyMixin:
             )
         scaler = getattr(self.precision_plugin, "scaler", None)  # type: ignore[attr-defined]
         pre = KFACPreconditioner(
-            module, optimizer=optimizers[0], grad_scaler=scaler, **self.kfac_options
+            module,
+            optimizer=optimizers[0],
+            grad_scaler=scaler,
+            report_registration=self.global_rank == 0,  # type: ignore[attr-defined]
+            **self.kfac_options,
         )
         pre.loss_scale = (
             1.0 / trainer.accumulate_grad_batches if module.automatic_optimization else 1.0
@@ -141,14 +142,6 @@ class KFACStrategyMixin:
             )
         self.preconditioner = pre
         self.skipped_steps = 0
-        if self.global_rank == 0:  # type: ignore[attr-defined]
-            skipped = ", ".join(f"{n} ({r})" for n, r in pre.skipped_modules.items()) or "none"
-            log.info(
-                "K-FAC preconditions %d layers (%s); skipped: %s",
-                len(pre.layers),
-                ", ".join(pre.layers),
-                skipped,
-            )
 
     def teardown(self) -> None:
         if self.preconditioner is not None:

@@ -81,6 +81,8 @@ class KFACPreconditioner:
         grad_scaler: An AMP ``GradScaler`` whose loss scale is divided out of the captured output
             gradients (call ``scaler.unscale_(optimizer)`` before ``step()``).
         distributor: How work is shared among workers; default one worker.
+        report_registration: Log ``registration_summary()`` at INFO level once, on construction
+            (a distributed runner passes True on one rank only).
     """
 
     def __init__(
@@ -101,6 +103,7 @@ class KFACPreconditioner:
         factor_max_rows: int | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
         distributor: Distributor | None = None,
+        report_registration: bool = True,
     ) -> None:
         for name, interval in (
             ("factor_update_interval", factor_update_interval),
@@ -163,6 +166,7 @@ class KFACPreconditioner:
         self._reported: set[str] = set()
         self._handles: list[RemovableHandle] = []
         self.factor_max_rows = factor_max_rows
+        self._report_registration = report_registration
         self._register(model, list(skip_modules))
 
     # -- registration ----------------------------------------------------------------------
@@ -204,13 +208,14 @@ class KFACPreconditioner:
                 "KFACPreconditioner found no trainable nn.Linear or nn.Conv2d layer "
                 f"(skipped: {self.skipped_modules or 'none'}); check skip_modules and requires_grad"
             )
+        if self._report_registration:
+            log.info(self.registration_summary())
+
+    def registration_summary(self) -> str:
+        """Which modules are preconditioned and which were skipped, with the reason."""
         skipped = ", ".join(f"{n} ({r})" for n, r in self.skipped_modules.items()) or "none"
-        log.info(
-            "K-FAC registered %d layers: %s; skipped: %s",
-            len(self.layers),
-            ", ".join(self.layers),
-            skipped,
-        )
+        registered = ", ".join(self.layers)
+        return f"K-FAC registered {len(self.layers)} layers: {registered}; skipped: {skipped}"
 
     def remove_hooks(self) -> None:
         """Detach the preconditioner from the model (no further capture)."""
@@ -306,7 +311,7 @@ class KFACPreconditioner:
                     f"factor:{name}",
                     f"K-FAC skipped a non-finite factor batch for {name}; the running average "
                     "is unchanged (reported once per factor)",
-                    expected=self._scaler_found_overflow(),
+                    expected=self._overflow_expected(),
                 )
 
     def _factor_names(self, factors: list[Any]) -> Iterator[str]:
@@ -317,8 +322,9 @@ class KFACPreconditioner:
         }
         return (names[id(f)] for f in factors)
 
-    def _scaler_found_overflow(self) -> bool:
-        """Non-finite output gradients are expected on steps an AMP scaler will skip."""
+    def _overflow_expected(self) -> bool:
+        """With an enabled AMP scaler, non-finite output gradients are routine (the scaler skips
+        those steps), so they are logged at DEBUG level instead of warned about."""
         return self.grad_scaler is not None and self.grad_scaler.is_enabled()
 
     def discard_captured(self) -> None:
