@@ -13,6 +13,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.plugins.precision import MixedPrecision
+from torch.utils.data import DataLoader
 
 from lightning_kfac import KFACDDPStrategy
 from tests.lightning_support import SaveResult, TinyClassifier, relative_difference, trainer_kwargs
@@ -274,3 +275,29 @@ def test_strategy_rejects_several_optimizers(tmp_path: Path) -> None:
     model = TwoOptimizers(batch_size=16, manual=True)
     with pytest.raises(ValueError, match="exactly one optimizer"):
         trainer.fit(model)
+
+
+def test_validate_test_and_predict_leave_kfac_untouched(tmp_path: Path) -> None:
+    strategy = KFACDDPStrategy(start_method="popen", kl_clip=None)
+    trainer = pl.Trainer(
+        strategy=strategy, devices=1, max_steps=2, **trainer_kwargs(tmp_path, limit_val_batches=1)
+    )
+    model = TinyClassifier(batch_size=16)
+    trainer.fit(model)
+    pre = strategy.preconditioner
+    factors = {n: (layer.a.value.clone(), layer.g.value.clone()) for n, layer in pre.layers.items()}
+    steps = pre.steps
+    model.train()  # even in training mode, no hook is left on the module after fit
+    loader = model.train_dataloader()
+    trainer.validate(model, dataloaders=loader, verbose=False)
+    trainer.test(model, dataloaders=loader, verbose=False)
+    trainer.predict(
+        model, dataloaders=DataLoader(torch.zeros(4, 2, 6, 6, dtype=torch.float64), batch_size=4)
+    )
+    model.train()
+    model(torch.zeros(3, 2, 6, 6, dtype=torch.float64)).sum().backward()
+    assert pre.steps == steps == 2
+    for name, layer in pre.layers.items():
+        assert not layer.a.has_batch and not layer.g.has_batch
+        assert torch.equal(layer.a.value, factors[name][0])
+        assert torch.equal(layer.g.value, factors[name][1])
