@@ -304,23 +304,16 @@ class KFACPreconditioner:
             else:  # forward without backward (or the reverse): nothing usable this step
                 layer.discard_batches()
         self.distributor.average_factor_batches(layers)
-        factors = [factor for layer in layers for factor in layer.factors]
-        for factor, name in zip(factors, self._factor_names(factors), strict=True):
-            if not factor.update(decay):
-                self._report(
-                    f"factor:{name}",
-                    f"K-FAC skipped a non-finite factor batch for {name}; the running average "
-                    "is unchanged (reported once per factor)",
-                    expected=self._overflow_expected(),
-                )
-
-    def _factor_names(self, factors: list[Any]) -> Iterator[str]:
-        names = {
-            id(f): f"{n}.{side}"
-            for n, layer in self.layers.items()
-            for side, f in zip("AG", layer.factors, strict=True)
-        }
-        return (names[id(f)] for f in factors)
+        for layer in layers:
+            for side, factor in zip("AG", layer.factors, strict=True):
+                if not factor.update(decay):
+                    name = f"{layer.name}.{side}"
+                    self._report(
+                        f"factor:{name}",
+                        f"K-FAC skipped a non-finite factor batch for {name}; the running "
+                        "average is unchanged (reported once per factor)",
+                        expected=self._overflow_expected(),
+                    )
 
     def _overflow_expected(self) -> bool:
         """With an enabled AMP scaler, non-finite output gradients are routine (the scaler skips
