@@ -47,10 +47,16 @@ def packed_numel(blocks: int, dim: int) -> int:
 @dataclass
 class _Bucket:
     members: list[int]  # indices of the items (layers) it carries
-    ready: set[int] = field(default_factory=set)
-    tensors: list[tuple[int, Tensor]] | None = None
+    #: Final tensors of the items that are ready, by item index.
+    tensors: dict[int, Sequence[Tensor]] = field(default_factory=dict)
+    #: The tensors packed into ``buffer``, in packing order (to unpack the average into).
+    sent: list[Tensor] = field(default_factory=list)
     buffer: Tensor | None = None
     work: dist.Work | None = None
+
+    @property
+    def complete(self) -> bool:
+        return len(self.tensors) == len(self.members)
 
 
 class BucketedAllReduce:
@@ -103,51 +109,36 @@ class BucketedAllReduce:
     def reset_counters(self) -> None:
         self.bytes_communicated = 0
 
+    def _add(self, index: int, tensors: Sequence[Tensor]) -> None:
+        self.buckets[self._bucket_of[index]].tensors.setdefault(index, tensors)
+
     def mark_ready(self, index: int, tensors: Sequence[Tensor]) -> None:
         """Item ``index`` holds its final ``tensors``; launch every bucket that can go now."""
-        bucket = self.buckets[self._bucket_of[index]]
-        bucket.ready.add(index)
-        bucket.tensors = (bucket.tensors or []) + [(index, t) for t in tensors]
-        self._launch_ready_in_order()
-
-    def _launch_ready_in_order(self) -> None:
-        while self._next_launch < len(self.buckets):
-            bucket = self.buckets[self._next_launch]
-            if bucket.ready != set(bucket.members):
-                return
-            self._launch(bucket)
+        self._add(index, tensors)
+        while self._next_launch < len(self.buckets) and self.buckets[self._next_launch].complete:
+            self._launch(self.buckets[self._next_launch])
             self.launched_early += 1
             self._next_launch += 1
 
     def _launch(self, bucket: _Bucket) -> None:
-        ordered = sorted(bucket.tensors or [], key=lambda item: item[0])
-        buffer = pack_upper_triangles([t for _, t in ordered])
-        bucket.buffer = buffer
-        self.bytes_communicated += buffer.numel() * buffer.element_size()
-        bucket.work = dist.all_reduce(buffer, group=self.group, async_op=True)
+        bucket.sent = [t for index in sorted(bucket.tensors) for t in bucket.tensors[index]]
+        bucket.buffer = pack_upper_triangles(bucket.sent)
+        self.bytes_communicated += bucket.buffer.numel() * bucket.buffer.element_size()
+        bucket.work = dist.all_reduce(bucket.buffer, group=self.group, async_op=True)
 
     def finish(self, items: dict[int, Sequence[Tensor]]) -> None:
         """Launch what is left (``items`` not marked ready yet), wait, write the averages back."""
         for index, tensors in items.items():
-            bucket = self.buckets[self._bucket_of[index]]
-            if index not in bucket.ready:
-                bucket.ready.add(index)
-                bucket.tensors = (bucket.tensors or []) + [(index, t) for t in tensors]
+            self._add(index, tensors)
         for bucket in self.buckets[self._next_launch :]:
             if bucket.tensors:
                 self._launch(bucket)
-        self._next_launch = len(self.buckets)
         for bucket in self.buckets:
             if bucket.work is not None:
                 bucket.work.wait()
                 assert bucket.buffer is not None
-                bucket.buffer.div_(self.world_size)
-                ordered = sorted(bucket.tensors or [], key=lambda item: item[0])
-                unpack_upper_triangles_(bucket.buffer, [t for _, t in ordered])
-            bucket.ready.clear()
-            bucket.tensors = None
-            bucket.buffer = None
-            bucket.work = None
+                unpack_upper_triangles_(bucket.buffer.div_(self.world_size), bucket.sent)
+            bucket.tensors, bucket.sent, bucket.buffer, bucket.work = {}, [], None, None
         self._next_launch = 0
 
 
