@@ -301,3 +301,27 @@ def test_validate_test_and_predict_leave_kfac_untouched(tmp_path: Path) -> None:
         assert not layer.a.has_batch and not layer.g.has_batch
         assert torch.equal(layer.a.value, factors[name][0])
         assert torch.equal(layer.g.value, factors[name][1])
+
+
+def test_strategy_kfac_keywords_mirror_the_preconditioner() -> None:
+    """The strategy repeats the preconditioner's keywords (so users see them); same defaults."""
+    import inspect
+
+    from lightning_kfac import KFACPreconditioner
+
+    provided_by_the_strategy = {
+        "model",
+        "optimizer",
+        "grad_scaler",
+        "distributor",
+        "report_registration",
+    }
+    pre = inspect.signature(KFACPreconditioner).parameters
+    strategy = inspect.signature(KFACDDPStrategy.__init__).parameters
+    options = KFACDDPStrategy().kfac_options
+    for name, parameter in pre.items():
+        if name in provided_by_the_strategy:
+            continue
+        assert name in strategy, name
+        assert strategy[name].default == parameter.default, name
+        assert name in options, name
