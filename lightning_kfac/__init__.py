@@ -6,19 +6,31 @@ for the unified ``lightning.pytorch`` package.
 """
 
 from lightning_kfac.callbacks import MixupCallback, SharpnessCallback
-from lightning_kfac.distributed import DistributionMode
-from lightning_kfac.kfac import ComputeMethod, KFACNumericalWarning, KFACPreconditioner
+from lightning_kfac.kfac import (
+    ComputeMethod,
+    DistributionMode,
+    KFACApproximation,
+    KFACCoverageWarning,
+    KFACNumericalWarning,
+    KFACOptions,
+    KFACPreconditioner,
+    NonFiniteGradients,
+)
 from lightning_kfac.pytorch_lightning import KFACDDPStrategy
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ComputeMethod",
     "DistributionMode",
+    "KFACApproximation",
+    "KFACCoverageWarning",
     "KFACDDPStrategy",
     "KFACNumericalWarning",
+    "KFACOptions",
     "KFACPreconditioner",
     "MixupCallback",
+    "NonFiniteGradients",
     "SharpnessCallback",
     "__version__",
 ]

@@ -1,107 +1,113 @@
-"""KFACDDPStrategy: distributed K-FAC on top of Lightning's DDPStrategy.
+"""K-FAC on Lightning's DDPStrategy: the one place that knows Lightning's call order.
 
-This module is the one place that knows Lightning's call order. Per optimizer step:
+``KFACStrategyMixin`` holds the behaviour; ``lightning_kfac.pytorch_lightning.KFACDDPStrategy``
+and ``lightning_kfac.lightning.KFACDDPStrategy`` are the classes, one per Lightning namespace
+(``pytorch_lightning`` and ``lightning.pytorch`` are separate class hierarchies with separate
+registries). Per optimizer step:
 
 1. **Capture.** During the closure (``training_step`` → ``zero_grad`` → backward) the
-   preconditioner's module hooks capture activations and output gradients, on factor-update
-   steps only and only while ``module.training`` with gradients enabled (never in validation,
-   test or predict). With ``accumulate_grad_batches = K`` the capture sums over the K
-   micro-batches (Lightning divides each loss by K; the preconditioner multiplies it back).
-2. **Reduce.** On the last micro-batch (the backward DDP synchronises) each layer's factor batch
-   estimates are finalised as soon as its output gradient is captured and go into packed
-   (upper-triangle), bucketed, asynchronous all-reduces on a process group of their own, so the
-   communication overlaps the rest of the backward pass.
-3. **Precondition.** After the closure returns, DDP has averaged the gradients. The strategy waits
-   for the factor reduction, updates the running averages, recomputes the eigendecompositions on
-   inverse-update steps (each layer on one owner rank chosen by cost, results broadcast — or, with
-   ``distribution_mode="broadcast_gradients"``, owners precondition and broadcast the gradients),
-   and rewrites every registered layer's gradient.
+   preconditioner's tracer captures what each use of a parameter needs, on factor-update steps
+   only and only in training forwards (never in validation, test or predict). Lightning calls
+   ``training_step`` through the LightningModule's ``__call__``, so its forward hooks mark each
+   micro-batch and its batch size. With ``accumulate_grad_batches = K`` the capture sums over
+   the K micro-batches (Lightning divides each loss by K; the preconditioner multiplies it back).
+2. **Reduce.** On the last micro-batch (the backward DDP synchronises) each block's sums go into
+   packed, bucketed, asynchronous all-reduces on a process group of their own (created with the
+   strategy's ``timeout``) as soon as its capture completes, overlapping the backward pass.
+3. **Precondition.** After the closure returns, DDP has averaged the gradients. The
+   preconditioner updates the running averages, recomputes the decompositions on inverse-update
+   steps (each block on one owner rank, results broadcast — or, with
+   ``distribution_mode="broadcast_gradients"``, owners precondition and broadcast the gradients)
+   and rewrites every preconditioned gradient.
 4. **Lightning continues:** ``on_before_optimizer_step`` hooks, gradient clipping (so clipping
    applies to the *preconditioned* gradient), then the user's optimizer step.
 
 Under ``16-mixed`` the closure's gradients are still multiplied by the GradScaler's scale:
 factors divide it out at capture, KL-clip divides it out of ``<P, dW>``, and preconditioning,
 being linear, commutes with the unscale that follows. If the gradients are not finite (the scaler
-will skip this step) the captured factors are discarded and K-FAC's step counter does not advance.
+will skip this step) the factor update is rejected on the device, with no host synchronisation.
 
-Manual optimization: K-FAC runs at every ``optimizer.step()`` on the gradients present then (after
-``manual_backward``), with ``loss_scale = 1``. One optimizer is supported; for several optimizers
-use ``KFACPreconditioner`` directly.
+Manual optimization: K-FAC runs at every ``optimizer.step()`` on the gradients present then, with
+``loss_scale = 1``. One optimizer is supported; for several use ``KFACPreconditioner`` directly.
 
-Checkpoints carry the preconditioner's ``state_dict`` under ``"kfac"``; a run resumes exactly
-(``broadcast_decompositions`` mode), also on a different number of ranks, since factors are
-global averages. In ``broadcast_gradients`` mode rank 0 holds only its own decompositions, so
-after a resume between two inverse updates the other layers' decompositions are recomputed from
-the saved (newer) factors: training continues correctly but not bit-identically.
+Checkpoints carry the preconditioner's ``state_dict`` under ``"kfac"``; it is validated on load.
+A run resumes exactly, also on a different number of ranks, since factors are global averages. A
+checkpoint without K-FAC state (e.g. from plain DDP) resumes with fresh factors, said once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import inspect
+import logging
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from typing_extensions import override
 
-from lightning_kfac.distributed import DistributionMode, TorchDistributedDistributor
-from lightning_kfac.kfac import ComputeMethod, KFACPreconditioner
-from lightning_kfac.kfac.options import Schedule
+from lightning_kfac.distributed import TorchDistributedDistributor
+from lightning_kfac.kfac import KFACOptions, KFACPreconditioner
+from lightning_kfac.kfac.options import option_names, reject_unknown, split_options
+from lightning_kfac.kfac.structure import Structure, format_table
+
+log = logging.getLogger(__name__)
 
 #: Registered strategy names and their ``start_method``.
 STRATEGY_NAMES = {"kfac_ddp": "popen", "kfac_ddp_spawn": "spawn", "kfac_ddp_fork": "fork"}
 
 
+def _accepted_keywords(ddp_strategy: type) -> list[str]:
+    """Keywords a ``DDPStrategy`` takes: its own, and ``DistributedDataParallel``'s (forwarded)."""
+    names: list[str] = []
+    for function in (ddp_strategy.__init__, DistributedDataParallel.__init__):
+        for parameter in inspect.signature(function).parameters.values():
+            if parameter.kind not in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL):
+                names.append(parameter.name)
+    return [name for name in dict.fromkeys(names) if name not in ("self", "module")]
+
+
 class KFACStrategyMixin:
     """K-FAC behaviour shared by the ``pytorch_lightning`` and ``lightning.pytorch`` classes.
 
-    K-FAC keywords are those of ``KFACPreconditioner`` (the optimizer and the AMP scaler come from
-    the Trainer), plus ``distribution_mode`` and ``bucket_cap_mb``; every other keyword goes to
-    ``DDPStrategy`` (``start_method``, ``process_group_backend``, ``find_unused_parameters``, …).
+    Args:
+        options: A ``KFACOptions`` (validated when built). K-FAC keywords given directly
+            (``damping=...``, ``inverse_update_interval=...``, every field of ``KFACOptions``)
+            override it.
+        log_figures: Log ``kfac/*`` figures through ``LightningModule.log`` every step.
+        **kwargs: K-FAC options, and every ``DDPStrategy`` keyword (``start_method``,
+            ``process_group_backend``, ``find_unused_parameters``, ``timeout``, …). Anything
+            else is rejected here, in the main process, with the closest valid name.
     """
 
+    #: ``rank_zero_info`` of the Lightning namespace (set by the concrete class).
+    _rank_zero_info: Callable[[str], None] = staticmethod(log.info)
+    #: ``rank_zero_warn`` of the Lightning namespace (set by the concrete class).
+    _rank_zero_warn: Callable[[str], None] = staticmethod(log.warning)
+
     def __init__(
-        self,
-        *,
-        damping: Schedule = 1e-3,
-        factor_update_interval: int = 1,
-        inverse_update_interval: int = 10,
-        factor_decay: Schedule = 0.95,
-        kl_clip: Schedule | None = 1e-3,
-        lr: Schedule | None = None,
-        skip_modules: Iterable[str | type[nn.Module]] = (),
-        factor_dtype: torch.dtype | None = None,
-        inverse_dtype: torch.dtype | None = None,
-        compute_method: ComputeMethod | str = ComputeMethod.EIGEN,
-        factor_max_rows: int | None = None,
-        distribution_mode: DistributionMode | str = DistributionMode.BROADCAST_DECOMPOSITIONS,
-        bucket_cap_mb: float = 25.0,
-        log_figures: bool = True,
-        **ddp_kwargs: Any,
+        self, options: KFACOptions | None = None, *, log_figures: bool = True, **kwargs: Any
     ) -> None:
-        super().__init__(**ddp_kwargs)  # type: ignore[call-arg]
-        self.kfac_options: dict[str, Any] = dict(
-            damping=damping,
-            factor_update_interval=factor_update_interval,
-            inverse_update_interval=inverse_update_interval,
-            factor_decay=factor_decay,
-            kl_clip=kl_clip,
-            lr=lr,
-            skip_modules=tuple(skip_modules),
-            factor_dtype=factor_dtype,
-            inverse_dtype=inverse_dtype,
-            compute_method=ComputeMethod(compute_method),
-            factor_max_rows=factor_max_rows,
+        kfac_kwargs, ddp_kwargs = split_options(kwargs)
+        ddp_strategy = next(c for c in type(self).__mro__ if c.__name__ == "DDPStrategy")
+        reject_unknown(
+            ddp_kwargs,
+            [*option_names(), *_accepted_keywords(ddp_strategy), "options", "log_figures"],
+            where=f"{type(self).__name__}",
+            others="besides options= and log_figures=, every DDPStrategy and "
+            "DistributedDataParallel keyword is accepted",
         )
-        self.distribution_mode = DistributionMode(distribution_mode)
-        self.bucket_cap_bytes = int(bucket_cap_mb * 2**20)
+        #: The validated K-FAC options.
+        self.kfac_options = KFACOptions.from_kwargs(options, **kfac_kwargs)
+        super().__init__(**ddp_kwargs)  # type: ignore[call-arg]
         self.log_figures = log_figures
         #: The preconditioner driving the current ``fit`` (None before ``setup``).
         self.preconditioner: KFACPreconditioner | None = None
-        #: Steps skipped because the AMP scaler found non-finite gradients.
-        self.skipped_steps = 0
+        self._reported_structure: Structure | None = None
 
     # -- setup / teardown -------------------------------------------------------------------
+    @override
     def setup(self, trainer: Any) -> None:
         super().setup(trainer)  # type: ignore[misc]  # wraps the module in DDP, sets up optimizers
         if trainer.state.fn == "fit":
@@ -115,40 +121,44 @@ class KFACStrategyMixin:
                 f"KFACDDPStrategy supports exactly one optimizer, configure_optimizers returned "
                 f"{len(optimizers)}; use lightning_kfac.KFACPreconditioner directly for several"
             )
-        scaler = getattr(self.precision_plugin, "scaler", None)  # type: ignore[attr-defined]
+        distributor = None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            group = dist.new_group(
+                backend=dist.get_backend(),
+                timeout=self._timeout,  # type: ignore[attr-defined]
+            )
+            distributor = TorchDistributedDistributor(
+                group=group,
+                mode=self.kfac_options.distribution_mode,
+                bucket_cap_bytes=int(self.kfac_options.factor_bucket_cap_mb * 2**20),
+                device=self.root_device,  # type: ignore[attr-defined]
+            )
         pre = KFACPreconditioner(
             module,
+            options=self.kfac_options,
             optimizer=optimizers[0],
-            grad_scaler=scaler,
-            report_registration=self.global_rank == 0,  # type: ignore[attr-defined]
-            **self.kfac_options,
+            grad_scaler=getattr(self.precision_plugin, "scaler", None),  # type: ignore[attr-defined]
+            distributor=distributor,
+            report=self.global_rank == 0,  # type: ignore[attr-defined]
         )
         pre.loss_scale = (
             1.0 / trainer.accumulate_grad_batches if module.automatic_optimization else 1.0
         )
         pre.profile = trainer.profiler.profile
         pre.is_final_backward = lambda: bool(
-            getattr(self.model, "require_backward_grad_sync", True)
-        )  # type: ignore[attr-defined]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            group = dist.new_group(backend=dist.get_backend())
-            pre.distributor = TorchDistributedDistributor(
-                list(pre.layers.values()),
-                method=pre.compute_method,
-                inverse_dtype=pre.inverse_dtype,
-                group=group,
-                mode=self.distribution_mode,
-                bucket_cap_bytes=self.bucket_cap_bytes,
-            )
+            getattr(self.model, "require_backward_grad_sync", True)  # type: ignore[attr-defined]
+        )
         self.preconditioner = pre
-        self.skipped_steps = 0
+        self._reported_structure = None
 
+    @override
     def teardown(self) -> None:
         if self.preconditioner is not None:
             self.preconditioner.remove_hooks()
         super().teardown()  # type: ignore[misc]
 
     # -- the step ---------------------------------------------------------------------------
+    @override
     def optimizer_step(
         self,
         optimizer: torch.optim.Optimizer,
@@ -176,20 +186,35 @@ class KFACStrategyMixin:
         grad_scale: float | torch.Tensor = 1.0
         scaler = pre.grad_scaler
         if scaler is not None and scaler.is_enabled():
-            if not _gradients_finite(module):
-                pre.discard_captured()  # the scaler will skip this step: so does K-FAC
-                self.skipped_steps += 1
-                return
-            grad_scale = scaler.get_scale()
+            scale = getattr(scaler, "_scale", None)  # a tensor: no host sync
+            grad_scale = scale if isinstance(scale, torch.Tensor) else scaler.get_scale()
         pre.step(grad_scale=grad_scale)
+        if pre.structure is not None and pre.structure is not self._reported_structure:
+            self._report_structure(pre.structure)
         if self.log_figures:
             self._log_figures(pre)
+
+    def _report_structure(self, structure: Structure) -> None:
+        first = self._reported_structure is None
+        self._reported_structure = structure
+        if self.global_rank == 0:  # type: ignore[attr-defined]
+            type(self)._rank_zero_info(
+                format_table(structure.reports, structure.preconditioned_fraction)
+            )
+        if first and self.log_figures:
+            self.lightning_module.log(  # type: ignore[attr-defined]
+                "kfac/preconditioned_fraction",
+                structure.preconditioned_fraction,
+                on_step=True,
+                on_epoch=False,
+                batch_size=1,
+            )
 
     def _log_figures(self, pre: KFACPreconditioner) -> None:
         info = pre.last_step_info
         figures: dict[str, Any] = {"kfac/damping": float(info["damping"])}
         if info.get("kl_scale") is not None:
-            figures["kfac/kl_scale"] = info["kl_scale"]
+            figures["kfac/kl_scale"] = info["kl_scale"].to(torch.float32)
         for stage in ("factors", "inverses", "precondition"):
             figures[f"kfac/{stage}_time_ms"] = 1000.0 * info.get(f"{stage}_time", 0.0)
         distributor = pre.distributor
@@ -198,12 +223,17 @@ class KFACStrategyMixin:
             distributor.reset_counters()
         else:
             figures["kfac/bytes_communicated"] = 0.0
-        figures["kfac/amp_skipped_steps"] = float(self.skipped_steps)
+        for name, counter in (
+            ("kfac/amp_skipped_steps", pre.amp_skipped_steps),
+            ("kfac/nonfinite_skipped_steps", pre.nonfinite_steps),
+        ):
+            figures[name] = counter.to(torch.float32) if counter is not None else torch.zeros(())
         module = self.lightning_module  # type: ignore[attr-defined]
         for name, value in figures.items():
             module.log(name, value, on_step=True, on_epoch=False, batch_size=1)
 
     # -- checkpoints ------------------------------------------------------------------------
+    @override
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None
     ) -> None:
@@ -211,38 +241,30 @@ class KFACStrategyMixin:
             checkpoint["kfac"] = self.preconditioner.state_dict()
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)  # type: ignore[misc]
 
+    @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         super().load_optimizer_state_dict(checkpoint)  # type: ignore[misc]
-        if self.preconditioner is not None and "kfac" in checkpoint:
+        if self.preconditioner is None:
+            return
+        if "kfac" in checkpoint:
             self.preconditioner.load_state_dict(checkpoint["kfac"])
+        else:
+            type(self)._rank_zero_warn(
+                "The checkpoint has no K-FAC state (saved without KFACDDPStrategy?): K-FAC starts "
+                "with fresh factors; the model and optimizer states are resumed"
+            )
 
-
-def _gradients_finite(module: nn.Module) -> bool:
-    """One host sync: are all gradients finite (what the GradScaler is about to check)?"""
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    if not grads:
-        return True
-    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
-
-
-def build_strategy_class(ddp_strategy: type, registry: Any) -> type:
-    """Create ``KFACDDPStrategy`` for one Lightning package and register its names there.
-
-    ``pytorch_lightning`` and ``lightning.pytorch`` are separate class hierarchies with separate
-    registries, so each gets its own subclass of its own ``DDPStrategy``. Registering again
-    (re-import, the popen launcher's children) overrides harmlessly.
-    """
-    strategy_class = type(
-        "KFACDDPStrategy",
-        (KFACStrategyMixin, ddp_strategy),
-        {"__doc__": KFACStrategyMixin.__doc__, "__module__": __name__},
-    )
-    for name, start_method in STRATEGY_NAMES.items():
-        registry.register(
-            name,
-            strategy_class,
-            description=f"K-FAC on DDP with start_method '{start_method}'",
-            override=True,
-            start_method=start_method,
-        )
-    return strategy_class
+    # -- registration -----------------------------------------------------------------------
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        """Register ``kfac_ddp``, ``kfac_ddp_spawn`` and ``kfac_ddp_fork`` (as Lightning's own
+        strategies do; registering again, e.g. in the popen launcher's children, overrides)."""
+        for name, start_method in STRATEGY_NAMES.items():
+            strategy_registry.register(
+                name,
+                cls,
+                description=f"K-FAC on DDP with start_method '{start_method}'",
+                override=True,
+                start_method=start_method,
+            )

@@ -121,13 +121,21 @@ class SaveResult(pl.Callback):
                 "kfac_steps": None if pre is None else pre.steps,
                 "factor_updates": None
                 if pre is None
-                else {n: layer.a.updates for n, layer in pre.layers.items()},
+                else {n: block.factors[0].updates for n, block in pre.blocks.items()},
+                "factors_seen": None
+                if pre is None
+                else {
+                    n: all(f.seen is not None and bool(f.seen) for f in block.factors)
+                    for n, block in pre.blocks.items()
+                },
                 "factors": None
                 if pre is None
-                else {n: (layer.a.value, layer.g.value) for n, layer in pre.layers.items()},
+                else {n: tuple(f.value for f in block.factors) for n, block in pre.blocks.items()},
                 "global_step": trainer.global_step,
                 "world_size": trainer.world_size,
-                "skipped_steps": getattr(trainer.strategy, "skipped_steps", None),
+                "skipped_steps": None
+                if pre is None or pre.amp_skipped_steps is None
+                else int(pre.amp_skipped_steps),
                 "buckets": _bucket_counts(pre),
                 "profiled": sorted(getattr(trainer.profiler, "recorded_durations", {})),
             },

@@ -110,6 +110,15 @@ def per_location_reference(
     return A / (count * locations), G / count, W / count
 
 
+def _conv_matrix(conv: nn.Conv2d) -> torch.Tensor:
+    """``[W b]`` gradient per group, ``[groups, out/groups, in/groups·kh·kw (+1)]``."""
+    groups = conv.groups
+    weight = conv.weight.grad.reshape(groups, conv.out_channels // groups, -1)
+    if conv.bias is None:
+        return weight
+    return torch.cat([weight, conv.bias.grad.reshape(groups, -1, 1)], dim=-1)
+
+
 def conv_model(**conv_kwargs) -> tuple[nn.Module, nn.Conv2d]:
     torch.manual_seed(0)
     conv = nn.Conv2d(**conv_kwargs)
@@ -128,12 +137,13 @@ def test_conv2d_factors_and_step_equal_per_location_loop(case: str) -> None:
     A, G, W = per_location_reference(conv, model, x, y, bias)
     pre = KFACPreconditioner(model, damping=1e-2, kl_clip=None)
     F.cross_entropy(model(x), y).backward()
-    layer = pre.layers["0"]
-    assert_close(layer.adapter.gradient_matrix(), W, rtol=1e-9, atol=1e-12)
+    raw = _conv_matrix(conv)
+    assert_close(raw, W, rtol=1e-9, atol=1e-12)
     pre.step()
+    layer = pre.block("0.weight")
     assert_close(layer.a.value, A, rtol=1e-10, atol=1e-12)
     assert_close(layer.g.value, G, rtol=1e-10, atol=1e-12)
-    got = layer.adapter.gradient_matrix()
+    got = _conv_matrix(conv)
     for group in range(conv.groups):
         expected = dense_damped_kron_solve(A[group], G[group], W[group], 1e-2)
         assert_close(got[group], expected, rtol=1e-7, atol=1e-10)
@@ -156,7 +166,7 @@ def test_one_by_one_conv_on_one_by_one_input_equals_linear() -> None:
         pre = KFACPreconditioner(model, damping=1e-3, kl_clip=None)
         F.cross_entropy(model(inputs), y).backward()
         pre.step()
-        layer = pre.layers["0"]
-        results.append((layer.a.value, layer.g.value, layer.adapter.gradient_matrix()))
+        layer = pre.block("0.weight")
+        results.append((layer.a.value, layer.g.value, pre.gradient_matrix(layer)))
     for from_linear, from_conv in zip(*results, strict=True):
         assert_close(from_conv, from_linear, rtol=1e-12, atol=1e-14)

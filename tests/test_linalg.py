@@ -53,8 +53,10 @@ def test_inverse_method_equals_dense_factored_tikhonov(damping: float) -> None:
     A, G = random_spd(5, generator=gen)[None], random_spd(3, generator=gen)[None] * 40
     grad = torch.randn(1, 3, 5, dtype=torch.float64, generator=gen)
     pi = torch.sqrt((torch.trace(A[0]) / 5) / (torch.trace(G[0]) / 3))
-    assert_close(linalg.pi_correction(A, G), pi.reshape(1))
+    means = [linalg.mean_diagonal(F_, diagonal=False) for F_ in (A, G)]
+    assert_close(linalg.pi_correction(*means), pi.reshape(1))
     root = damping**0.5
+    pi = pi.reshape(1)
     inv_a = linalg.shifted_inverse(A, pi * root, torch.float64)
     inv_g = linalg.shifted_inverse(G, root / pi, torch.float64)
     got = linalg.precondition_inverse(grad, inv_a, inv_g)
@@ -84,7 +86,35 @@ def test_kl_clip_equals_formula_and_caps_at_one() -> None:
     assert float(linalg.kl_clip_scale(ps, [-g for g in ps], lrs, kappa)) == 1.0
 
 
-def test_symmetric_eigh_reports_non_finite_input() -> None:
-    bad = torch.full((1, 3, 3), float("nan"), dtype=torch.float64)
-    with pytest.raises((FloatingPointError, torch.linalg.LinAlgError)):
-        linalg.symmetric_eigh(bad, torch.float64)
+def test_symmetric_eigh_returns_contiguous_eigenvectors_and_clamped_eigenvalues() -> None:
+    # eigh's eigenvectors are column-major; every rank must multiply the same layout (bitwise
+    # identical DDP replicas), so they are returned contiguous.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    rank_deficient = (x @ x.T)[None]
+    values, vectors = linalg.symmetric_eigh(rank_deficient, torch.float64)
+    assert vectors.is_contiguous()
+    assert bool((values >= 0).all())
+    assert_close(vectors @ torch.diag_embed(values) @ vectors.mT, rank_deficient, atol=1e-12)
+
+
+def test_diagonal_factors_precondition_like_dense_diagonal_matrices() -> None:
+    gen = torch.Generator().manual_seed(2)
+    a_diag = torch.rand(1, 5, generator=gen, dtype=torch.float64)
+    g_diag = torch.rand(1, 3, generator=gen, dtype=torch.float64)
+    grad = torch.randn(1, 3, 5, generator=gen, dtype=torch.float64)
+    got = linalg.precondition_eigen(grad, a_diag, None, g_diag, None, 0.1)
+    expected = dense_damped_kron_solve(torch.diag(a_diag[0]), torch.diag(g_diag[0]), grad[0], 0.1)
+    assert_close(got[0], expected)
+    assert_close(linalg.diagonal_sum(grad, append_ones=True)[0, :3], (grad[0] ** 2).sum(0)[:3])
+    inverse = linalg.precondition_inverse(
+        grad,
+        linalg.shifted_inverse_diagonal(a_diag, torch.tensor([0.5]), torch.float64),
+        linalg.shifted_inverse_diagonal(g_diag, torch.tensor([0.2]), torch.float64),
+    )
+    dense = (
+        torch.linalg.inv(torch.diag(g_diag[0]) + 0.2 * torch.eye(3))
+        @ grad[0]
+        @ torch.linalg.inv(torch.diag(a_diag[0]) + 0.5 * torch.eye(5))
+    )
+    assert_close(inverse[0], dense)

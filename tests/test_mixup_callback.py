@@ -326,7 +326,7 @@ def test_kfac_factors_come_from_the_mixed_inputs(tmp_path: Path) -> None:
     fit(tmp_path, module, mixup, max_steps=1, strategy=strategy)
     x = module.records[0]["x"].double()
     rows = torch.cat([x, torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
-    A = strategy.preconditioner.layers["net.0"].a.value[0].double()
+    A = strategy.preconditioner.block("net.0.weight").a.value[0].double()
     assert_close(A, rows.T @ rows / x.shape[0], rtol=1e-5, atol=1e-6)
 
 

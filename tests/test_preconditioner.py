@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_kfac import KFACPreconditioner
+from lightning_kfac.kfac import KFACCoverageWarning
 from tests.helpers import assert_close, dense_damped_kron_solve, per_sample_factors
 
 
@@ -24,6 +25,14 @@ def make_mlp(bias: bool, inplace: bool = True) -> nn.Sequential:
     return nn.Sequential(
         nn.Linear(4, 6, bias=bias), nn.ReLU(inplace=inplace), nn.Linear(6, 3, bias=bias)
     ).double()
+
+
+def _matrix(model: nn.Module, name: str, bias: bool = True) -> torch.Tensor:
+    """``[W b]`` gradient of child ``name`` (independent of the preconditioner's code)."""
+    layer = dict(model.named_children())[name]
+    if not bias:
+        return layer.weight.grad.clone()
+    return torch.cat([layer.weight.grad, layer.bias.grad[:, None]], dim=1)
 
 
 def batch(n: int = 16, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,16 +56,16 @@ def test_one_step_equals_dense_solve_from_per_sample_gradients(bias: bool, dampi
     }
     pre = KFACPreconditioner(model, damping=damping, kl_clip=None)
     F.cross_entropy(model(x), y).backward()
+    raw = {name: _matrix(model, name, bias) for name in references}
     for name, (_, _, grad) in references.items():
-        layer = pre.layers[name]
-        assert_close(layer.adapter.gradient_matrix()[0], grad, rtol=1e-10, atol=1e-13)
+        assert_close(raw[name], grad, rtol=1e-10, atol=1e-13)
     pre.step()
     for name, (A, G, grad) in references.items():
-        layer = pre.layers[name]
+        layer = pre.block(f"{name}.weight")
         assert_close(layer.a.value[0], A, rtol=1e-10, atol=1e-13)
         assert_close(layer.g.value[0], G, rtol=1e-10, atol=1e-13)
         expected = dense_damped_kron_solve(A, G, grad, damping)
-        assert_close(layer.adapter.gradient_matrix()[0], expected, rtol=1e-7, atol=1e-10)
+        assert_close(pre.gradient_matrix(layer)[0], expected, rtol=1e-7, atol=1e-10)
 
 
 def test_linear_on_sequences_is_weight_sharing_with_expand_convention() -> None:
@@ -68,11 +77,11 @@ def test_linear_on_sequences_is_weight_sharing_with_expand_convention() -> None:
     pre = KFACPreconditioner(model, damping=1e-2, kl_clip=None)
     F.cross_entropy(model(x), y).backward()
     pre.step()
-    layer = pre.layers["0"]
+    layer = pre.block("0.weight")
     assert_close(layer.a.value[0], A, rtol=1e-10, atol=1e-13)
     assert_close(layer.g.value[0], G, rtol=1e-10, atol=1e-13)
     assert_close(
-        layer.adapter.gradient_matrix()[0],
+        _matrix(model, "0"),
         dense_damped_kron_solve(A, G, grad, 1e-2),
         rtol=1e-7,
         atol=1e-10,
@@ -87,7 +96,7 @@ def test_inplace_activation_after_layer_gives_same_factors() -> None:
         pre = KFACPreconditioner(model, kl_clip=None)
         F.cross_entropy(model(x), y).backward()
         pre.step()
-        values.append([pre.layers[n].g.value for n in ("0", "2")])
+        values.append([pre.block(f"{n}.weight").g.value for n in ("0", "2")])
     for plain, inplace in zip(*values, strict=True):
         assert_close(inplace, plain, rtol=0, atol=0)
 
@@ -108,14 +117,10 @@ def test_gradient_accumulation_with_loss_scale_equals_concatenated_batch() -> No
         p.grad /= 1024.0
     pre_acc.step()
     for name in ("0", "2"):
-        assert_close(pre_acc.layers[name].a.value, pre_full.layers[name].a.value, rtol=1e-12)
-        assert_close(pre_acc.layers[name].g.value, pre_full.layers[name].g.value, rtol=1e-10)
-        assert_close(
-            pre_acc.layers[name].adapter.gradient_matrix(),
-            pre_full.layers[name].adapter.gradient_matrix(),
-            rtol=1e-8,
-            atol=1e-12,
-        )
+        acc, ful = pre_acc.block(f"{name}.weight"), pre_full.block(f"{name}.weight")
+        assert_close(acc.a.value, ful.a.value, rtol=1e-12)
+        assert_close(acc.g.value, ful.g.value, rtol=1e-10)
+        assert_close(_matrix(accumulated, name), _matrix(full, name), rtol=1e-8, atol=1e-12)
 
 
 def test_grad_scaler_scale_is_divided_out_of_factors_and_kl_clip() -> None:
@@ -132,12 +137,13 @@ def test_grad_scaler_scale_is_divided_out_of_factors_and_kl_clip() -> None:
     pre_scaled.step(grad_scale=scaler.get_scale())  # before unscale_: KL-clip divides it out
     assert float(pre_plain.last_step_info["kl_scale"]) < 1.0
     for name in ("0", "2"):
-        assert_close(pre_scaled.layers[name].g.value, pre_plain.layers[name].g.value, rtol=1e-10)
         assert_close(
-            pre_scaled.layers[name].adapter.gradient_matrix() / scaler.get_scale(),
-            pre_plain.layers[name].adapter.gradient_matrix(),
-            rtol=1e-8,
-            atol=1e-12,
+            pre_scaled.block(f"{name}.weight").g.value,
+            pre_plain.block(f"{name}.weight").g.value,
+            rtol=1e-10,
+        )
+        assert_close(
+            _matrix(scaled, name) / scaler.get_scale(), _matrix(plain, name), rtol=1e-8, atol=1e-12
         )
 
 
@@ -157,48 +163,59 @@ def test_factors_are_fp32_under_bf16_autocast() -> None:
     loss.backward()
     pre.step()
     for name in ("0", "2"):
-        for mine, ref in zip(pre.layers[name].factors, reference.layers[name].factors, strict=True):
+        mine_factors = pre.block(f"{name}.weight").factors
+        reference_factors = reference.block(f"{name}.weight").factors
+        for mine, ref in zip(mine_factors, reference_factors, strict=True):
             assert mine.value.dtype == torch.float32
             # bf16 activations carry ~3 significant digits
             assert_close(mine.value, ref.value, rtol=5e-2, atol=5e-2)
 
 
-def test_registration_reports_skipped_and_leaves_them_untouched() -> None:
+def test_coverage_names_skipped_and_frozen_and_leaves_them_untouched() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
     ).double()
     model[3].weight.requires_grad_(False)
     pre = KFACPreconditioner(model, kl_clip=None, skip_modules=["4"])
-    assert list(pre.layers) == ["0", "2"]
-    assert pre.skipped_modules == {
-        "1": "unsupported type BatchNorm1d",
-        "3": "frozen (weight.requires_grad is False)",
-        "4": "matched skip_modules",
-    }
     x, y = batch()
     F.cross_entropy(model(x), y).backward()
     raw = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    pre.step()
-    for name, grad in model.named_parameters():
-        if name.startswith(("1.", "4.", "3.bias")):
-            assert torch.equal(grad.grad, raw[name]), name
-        if name.startswith(("0.", "2.")):
-            assert not torch.equal(grad.grad, raw[name]), name
+    with pytest.warns(KFACCoverageWarning) as caught:
+        pre.step()
+    message = str(caught[0].message)
+    assert "4.weight (matched skip_modules)" in message
+    # 3.bias is trained but its weight is frozen: not a Kronecker block, so it is named too.
+    assert "3.bias (used by bias of a weight K-FAC does not train" in message
+    assert sorted(pre.blocks) == ["0.weight", "1.weight", "2.weight"]
+    assert pre.block("1.weight").unit_wise  # BatchNorm: unit-wise block
+    for name, param in model.named_parameters():
+        if name.startswith(("4.", "3.bias")):
+            assert torch.equal(param.grad, raw[name]), name
+        if name.startswith(("0.", "1.", "2.")):
+            assert not torch.equal(param.grad, raw[name]), name
+    assert "left to the optimizer: matched skip_modules" in pre.coverage_report()
     by_pattern = KFACPreconditioner(model, kl_clip=None, skip_modules=["[24]", nn.BatchNorm1d])
-    assert list(by_pattern.layers) == ["0"]
+    F.cross_entropy(model(x), y).backward()
+    with pytest.warns(KFACCoverageWarning):
+        by_pattern.step()
+    assert sorted(by_pattern.blocks) == ["0.weight"]
 
 
-def test_no_registered_layer_and_bad_options_raise_clear_errors() -> None:
+def test_no_tracked_parameter_and_bad_options_raise_clear_errors() -> None:
     model = make_mlp(True)
-    with pytest.raises(ValueError, match=r"no trainable nn\.Linear"):
+    with pytest.raises(ValueError, match=r"no trainable parameter"):
         KFACPreconditioner(model, kl_clip=None, skip_modules=[nn.Linear])
-    with pytest.raises(ValueError, match="pass lr="):
+    with pytest.raises(ValueError, match="pass optimizer="):
         KFACPreconditioner(model)
     with pytest.raises(ValueError, match="factor_update_interval"):
         KFACPreconditioner(model, kl_clip=None, factor_update_interval=0)
-    with pytest.raises(ValueError, match="compute_method must be one of 'eigen', 'inverse'"):
+    with pytest.raises(
+        ValueError, match="compute_method='cholesky' is not one of 'eigen', 'inverse'"
+    ):
         KFACPreconditioner(model, kl_clip=None, compute_method="cholesky")
+    with pytest.raises(RuntimeError, match="before any training forward"):
+        KFACPreconditioner(model, kl_clip=None).step()
 
 
 def test_importing_the_package_does_not_import_wandb() -> None:
@@ -223,15 +240,23 @@ def test_inverse_method_step_equals_dense_factored_tikhonov(damping: float) -> N
         A + pi * damping**0.5 * torch.eye(A.shape[0]), G + damping**0.5 / pi * torch.eye(G.shape[0])
     )
     expected = torch.linalg.solve(damped, grad.mT.reshape(-1)).reshape(grad.shape[1], -1).mT
-    assert_close(pre.layers["2"].adapter.gradient_matrix()[0], expected, rtol=1e-7, atol=1e-10)
+    assert_close(_matrix(model, "2"), expected, rtol=1e-7, atol=1e-10)
 
 
-def test_registration_is_reported_once_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
+def test_coverage_table_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
     model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3)).double()
+    pre = KFACPreconditioner(model, kl_clip=None)
+    x, y = batch()
     with caplog.at_level("INFO", logger="lightning_kfac"):
-        KFACPreconditioner(model, kl_clip=None)
-    records = [r.getMessage() for r in caplog.records if "K-FAC registered" in r.getMessage()]
-    assert records == ["K-FAC registered 2 layers: 0, 2; skipped: 1 (unsupported type LayerNorm)"]
+        for _ in range(2):
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            pre.step()
+    records = [r.getMessage() for r in caplog.records if "K-FAC coverage" in r.getMessage()]
+    assert len(records) == 1
+    assert "100.0 % of 63 trainable parameter elements" in records[0]
+    assert "unit-wise" in records[0] and "norm in '1'" in records[0]
+    assert pre.preconditioned_fraction == 1.0
 
 
 def test_kl_clip_reads_the_current_learning_rate_of_each_param_group() -> None:
@@ -247,10 +272,10 @@ def test_kl_clip_reads_the_current_learning_rate_of_each_param_group() -> None:
             group["lr"] = base * lr_factor  # what an LR scheduler does
         model.zero_grad()
         F.cross_entropy(model(x), y).backward()
-        raw = {n: pre.layers[n].adapter.gradient_matrix().clone() for n in ("0", "2")}
+        raw = {n: _matrix(model, n) for n in ("0", "2")}
         pre.step()
         kl = sum(
-            lr**2 * float((pre.layers[n].adapter.gradient_matrix() * raw[n]).sum())
+            lr**2 * float((_matrix(model, n) * raw[n]).sum())
             for n, lr in (("0", 0.1 * lr_factor), ("2", 0.2 * lr_factor))
         )
         scales.append(float(pre.last_step_info["kl_scale"]))

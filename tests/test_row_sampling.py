@@ -35,7 +35,8 @@ def factors_after(pre: KFACPreconditioner, model: nn.Module, draws: int) -> dict
         F.cross_entropy(model(x), y).backward()
         pre.step()
     return {
-        name: (layer.a.value.clone(), layer.g.value.clone()) for name, layer in pre.layers.items()
+        name.removesuffix(".weight"): (layer.a.value.clone(), layer.g.value.clone())
+        for name, layer in pre.blocks.items()
     }
 
 
@@ -72,7 +73,10 @@ def test_sampled_factors_average_to_exact_factors() -> None:
         assert hundred / many > 2.5  # 1/sqrt(k): 16x the draws -> 4x smaller error
         assert many < 0.02
     # the second conv (8·4 = 32 rows) and the Linear (8 rows) have fewer rows than the cap
-    final = {name: (layer.a.value, layer.g.value) for name, layer in pre.layers.items()}
+    final = {
+        name.removesuffix(".weight"): (layer.a.value, layer.g.value)
+        for name, layer in pre.blocks.items()
+    }
     for name in ("2", "4"):
         for mine, reference in zip(final[name], exact[name], strict=True):
             assert_close(mine, reference, rtol=1e-9, atol=1e-12)

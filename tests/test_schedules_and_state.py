@@ -48,13 +48,13 @@ def test_update_intervals_are_honoured_exactly() -> None:
     pre = KFACPreconditioner(
         model, factor_update_interval=3, inverse_update_interval=4, kl_clip=None
     )
-    layer = pre.layers["0"]
     captured_before_step, factor_updates, decompositions = [], [], []
     for step in range(13):
         x, y = data(step)
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
-        captured_before_step.append(layer.a.has_batch)
+        (layer,) = [b for b in pre.capture.blocks.values() if b.spec.site == "0"]
+        captured_before_step.append(layer.a.has_sum)
         before = layer.a.updates
         old_decomposition = layer.a.decomposition
         pre.step()
@@ -76,7 +76,8 @@ def test_no_capture_in_eval_or_no_grad() -> None:
     model.train()
     with torch.no_grad():
         model(x)
-    assert not any(f.has_batch for layer in pre.layers.values() for f in layer.factors)
+    assert pre.capture.training_forwards == 0
+    assert not any(f.has_sum for block in pre.capture.blocks.values() for f in block.factors)
 
 
 def test_schedules_are_evaluated_at_each_step() -> None:
@@ -99,7 +100,6 @@ def test_schedules_are_evaluated_at_each_step() -> None:
 def test_running_average_first_update_is_batch_then_decays() -> None:
     model = make_model()
     pre = KFACPreconditioner(model, kl_clip=None, factor_decay=0.9)
-    layer = pre.layers["3"]
     batches = []
     for step in range(2):
         x, y = data(step)
@@ -108,6 +108,7 @@ def test_running_average_first_update_is_batch_then_decays() -> None:
         relu_out = model[1](model[0](x)).flatten(1).detach()
         batches.append(torch.cat([relu_out, torch.ones(8, 1)], 1))
         pre.step()
+        layer = pre.block("3.weight")
         if step == 0:
             assert_close(layer.a.value[0], batches[0].T @ batches[0] / 8)
     expected = 0.9 * (batches[0].T @ batches[0] / 8) + 0.1 * (batches[1].T @ batches[1] / 8)
@@ -145,7 +146,11 @@ def test_state_dict_round_trip_continues_identically(method: ComputeMethod, spli
 
 
 def test_state_dict_rejects_other_model() -> None:
-    pre = KFACPreconditioner(make_model(), kl_clip=None)
+    model = make_model()
+    pre = KFACPreconditioner(model, kl_clip=None)
+    train(model, pre, torch.optim.SGD(model.parameters(), lr=0.1), range(1))
     other = KFACPreconditioner(nn.Sequential(nn.Linear(3, 3)), kl_clip=None)
-    with pytest.raises(ValueError, match="does not match the registered layers"):
+    with pytest.raises(ValueError, match="which this model does not train"):
         other.load_state_dict(pre.state_dict())
+    with pytest.raises(ValueError, match="unknown format"):
+        other.load_state_dict({"steps": 3, "layers": {}})

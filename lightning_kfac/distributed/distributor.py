@@ -1,18 +1,24 @@
 """TorchDistributedDistributor: K-FAC's work shared over a torch.distributed process group.
 
-Per factor update, the batch estimates of all layers are averaged in packed, bucketed,
-asynchronous all-reduces (``comm.BucketedAllReduce``), started from the backward pass as soon as a
-layer's capture is complete. Each layer has one owner rank (``assignment.assign_by_cost``), which
-alone eigendecomposes its factors. Then, by ``DistributionMode``:
+Per factor update, the sums of every block (with their counts) are summed over ranks in packed,
+bucketed, asynchronous all-reduces (``comm.BucketedAllReduce``), started from the backward pass as
+soon as a block's capture is complete; every rank sends every block (zeros and a zero count for
+a block it did not use this step), so the collectives are the same on every rank whatever each
+used, and the average weights ranks by what they captured. Each block has one owner rank
+(``assignment.assign_by_cost``), which alone decomposes its dense factors. Then, by
+``DistributionMode``:
 
 - ``BROADCAST_DECOMPOSITIONS`` (KAISA's COMM-OPT, default): owners broadcast the decompositions
-  (one packed broadcast per rank), and every rank preconditions every layer locally.
-- ``BROADCAST_GRADIENTS`` (KAISA's MEM-OPT, Shampoo's DDP distributor): decompositions stay on the
-  owner, which preconditions its layers each step and broadcasts the preconditioned gradients;
-  other ranks never hold those decompositions (memory per rank ~ 1/world_size).
+  (one packed broadcast per rank), and every rank preconditions every block locally;
+- ``BROADCAST_GRADIENTS`` (KAISA's MEM-OPT): decompositions stay on the owner, which preconditions
+  its blocks each step and broadcasts the preconditioned gradients.
 
-A decomposition that failed on its owner travels as NaN, and receivers fall back to the raw
-gradient for that layer, exactly as the owner does.
+Replicas stay bitwise identical: every rank reduces the same sums, and every rank preconditions
+with the *same tensors* — the owner keeps exactly what it broadcast (same dtype, contiguous), not
+its own differently laid out or wider copy.
+
+A decomposition that failed on its owner travels as NaN, and receivers drop it, exactly as the
+owner does.
 """
 
 from __future__ import annotations
@@ -23,160 +29,273 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_kfac.distributed.assignment import assign_by_cost, decomposition_cost
-from lightning_kfac.distributed.comm import BucketedAllReduce, broadcast_packed, packed_numel
-from lightning_kfac.kfac.distribution import Distributor
-from lightning_kfac.kfac.kfac_layer import KFACLayer
-from lightning_kfac.kfac.options import ComputeMethod, StrEnum
+from lightning_kfac.distributed.assignment import assign_by_cost
+from lightning_kfac.distributed.comm import BucketedAllReduce, Piece, broadcast_flat, piece_numel
+from lightning_kfac.kfac.blocks import Block
+from lightning_kfac.kfac.distribution import Distributor, Result
+from lightning_kfac.kfac.options import ComputeMethod, DistributionMode
+from lightning_kfac.kfac.uses import UseSpec
 
 
-class DistributionMode(StrEnum):
-    """What owners send after decomposing (Pauloski et al. 2021, KAISA, §4)."""
-
-    BROADCAST_DECOMPOSITIONS = "broadcast_decompositions"
-    BROADCAST_GRADIENTS = "broadcast_gradients"
+def decomposition_cost(block: Block) -> float:
+    """Relative cost of decomposing a block's factors (``eigh`` is cubic; diagonal ones free)."""
+    return float(sum(f.blocks * f.dim**3 for f in block.factors if not f.diagonal))
 
 
 class TorchDistributedDistributor(Distributor):
     """Shares K-FAC work among the ranks of ``group``.
 
     Args:
-        layers: The preconditioner's layers, in registration order (same on every rank).
-        method: The preconditioner's compute method (shapes of what is broadcast).
-        inverse_dtype: Dtype in which decompositions travel.
-        group: A process group reserved for K-FAC (default: the whole world).
+        group: A process group reserved for K-FAC (default: the whole world). Create it with
+            the job's timeout, e.g. ``dist.new_group(timeout=...)``: a new group does not inherit
+            the default group's timeout.
         mode: See ``DistributionMode``.
         bucket_cap_bytes: Size of the factor all-reduce buckets.
+        device: Device of the tensors K-FAC communicates (default: the factors' device, CPU
+            before any factor exists).
     """
 
     def __init__(
         self,
-        layers: Sequence[KFACLayer],
         *,
-        method: ComputeMethod,
-        inverse_dtype: torch.dtype,
         group: dist.ProcessGroup | None = None,
         mode: DistributionMode | str = DistributionMode.BROADCAST_DECOMPOSITIONS,
         bucket_cap_bytes: int = 25 * 2**20,
+        device: torch.device | None = None,
     ) -> None:
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        self.method = ComputeMethod(method)
         self.mode = DistributionMode(mode)
+        self.bucket_cap_bytes = bucket_cap_bytes
+        self.device = device or torch.device("cpu")
+        self.method = ComputeMethod.EIGEN
+        self.inverse_dtype = torch.float32
+        self.owners: list[int] = []
+        self._index: dict[int, int] = {}
+        self.allreduce: BucketedAllReduce | None = None
+        #: Bytes this rank sent in broadcasts and use-gradient all-reduces since ``reset_counters``.
+        self.broadcast_bytes = 0
+
+    # -- structure ---------------------------------------------------------------------------
+    def _gather(self, obj: object) -> list[object]:
+        out: list[object] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def agree_on_uses(
+        self, specs: list[UseSpec], unsupported: dict[str, set[str]]
+    ) -> tuple[list[UseSpec], dict[str, set[str]]]:
+        merged_specs: dict[UseSpec, None] = {}
+        merged_unsupported: dict[str, set[str]] = {}
+        for rank_specs, rank_unsupported in self._gather((specs, unsupported)):  # type: ignore[misc]
+            merged_specs.update(dict.fromkeys(rank_specs))
+            for name, operations in rank_unsupported.items():
+                merged_unsupported.setdefault(name, set()).update(operations)
+        return list(merged_specs), merged_unsupported
+
+    def agree_on_new_uses(self, specs: list[UseSpec]) -> list[UseSpec]:
+        merged: dict[UseSpec, None] = {}
+        for rank_specs in self._gather(specs):
+            merged.update(dict.fromkeys(rank_specs))  # type: ignore[call-overload]
+        return list(merged)
+
+    def setup(
+        self, blocks: Sequence[Block], method: ComputeMethod, inverse_dtype: torch.dtype
+    ) -> None:
+        if self.allreduce is not None:
+            self.allreduce.reset_step()
+        self.method = method
         self.inverse_dtype = inverse_dtype
-        self._index = {id(layer): index for index, layer in enumerate(layers)}
-        costs = [decomposition_cost(layer.a.blocks, layer.a.dim, layer.g.dim) for layer in layers]
-        #: Owner rank (within ``group``) of each layer, in registration order.
-        self.owners = assign_by_cost(costs, self.world_size)
-        factor_dtype = layers[0].factor_dtype if layers else torch.float32
-        sizes = [sum(packed_numel(f.blocks, f.dim) for f in layer.factors) for layer in layers]
+        self._index = {id(block): index for index, block in enumerate(blocks)}
+        self.owners = assign_by_cost([decomposition_cost(b) for b in blocks], self.world_size)
+        factor_dtype = blocks[0].factor_dtype if blocks else torch.float32
+        sizes = [sum(piece_numel(p, s) + 1 for p, s in _payload_shapes(b)) for b in blocks]
         self.allreduce = BucketedAllReduce(
             sizes,
-            group,
-            self.world_size,
-            bucket_cap_bytes=bucket_cap_bytes,
+            self.group,
+            bucket_cap_bytes=self.bucket_cap_bytes,
             element_size=torch.empty((), dtype=factor_dtype).element_size(),
         )
-        #: Bytes this rank sent in broadcasts since ``reset_counters``.
-        self.broadcast_bytes = 0
 
     # -- bookkeeping -----------------------------------------------------------------------
     @property
     def bytes_communicated(self) -> int:
-        return self.allreduce.bytes_communicated + self.broadcast_bytes
+        sent = self.allreduce.bytes_communicated if self.allreduce is not None else 0
+        return sent + self.broadcast_bytes
 
     def reset_counters(self) -> None:
-        self.allreduce.reset_counters()
+        if self.allreduce is not None:
+            self.allreduce.reset_counters()
         self.broadcast_bytes = 0
 
-    def owner(self, layer: KFACLayer) -> int:
-        return self.owners[self._index[id(layer)]]
+    def owner(self, block: Block) -> int:
+        return self.owners[self._index[id(block)]]
 
     def _global_rank(self, group_rank: int) -> int:
         if self.group is None:
             return group_rank
         return dist.get_global_rank(self.group, group_rank)
 
-    # -- factors ---------------------------------------------------------------------------
-    def factors_ready(self, layer: KFACLayer) -> None:
-        self.allreduce.mark_ready(self._index[id(layer)], layer.finalize_batches())
+    def _device(self, block: Block) -> torch.device:
+        for factor in block.factors:
+            if factor.value is not None:
+                return factor.value.device
+        return self.device
 
-    def average_factor_batches(self, layers: Sequence[KFACLayer]) -> None:
-        self.allreduce.finish(
-            {self._index[id(layer)]: layer.finalize_batches() for layer in layers}
-        )
+    # -- factors ---------------------------------------------------------------------------
+    def _pieces(self, block: Block) -> list[Piece]:
+        """The block's sums and counts (zeros and count 0 when it captured nothing here)."""
+        device = self._device(block)
+        sums, counts = [], []
+        for factor in block.factors:
+            total, count = factor.take_sum(device)
+            sums.append((total, not factor.diagonal))
+            counts.append((count.reshape(1), False))
+        return sums + counts
+
+    def factors_ready(self, block: Block) -> None:
+        index = self._index.get(id(block))
+        if index is None or self.allreduce is None or self.allreduce.is_ready(index):
+            return
+        self.allreduce.mark_ready(index, self._pieces(block))
+
+    def reduce_factor_sums(
+        self, blocks: Sequence[Block]
+    ) -> list[list[tuple[Tensor, Tensor]] | None]:
+        assert self.allreduce is not None
+        pieces: dict[int, list[Piece]] = {}
+        for block in blocks:
+            index = self._index[id(block)]
+            if not self.allreduce.is_ready(index):
+                pieces[index] = self._pieces(block)
+        held = {index: list(p) for index, p in pieces.items()}
+        for bucket in self.allreduce.buckets:  # pieces launched early, before finish
+            for index, p in bucket.pieces.items():
+                held.setdefault(index, list(p))
+        self.allreduce.finish(pieces)
+        out: list[list[Tensor] | None] = []
+        for block in blocks:
+            item = held[self._index[id(block)]]
+            count = len(block.factors)
+            sums, counts = item[:count], item[count:]
+            out.append(
+                [(total, c.reshape(())) for (total, _), (c, _) in zip(sums, counts, strict=True)]
+            )
+        return out
+
+    def discard(self, blocks: Sequence[Block]) -> None:
+        """Run the step's reduction anyway (collectives must match on every rank), drop it."""
+        if self.allreduce is not None and blocks:
+            self.reduce_factor_sums(blocks)
 
     # -- decompositions --------------------------------------------------------------------
     def run_decompositions(
-        self, layers: Sequence[KFACLayer], decompose: Callable[[KFACLayer], None]
+        self, blocks: Sequence[Block], decompose: Callable[[list[Block]], None]
     ) -> None:
-        for layer in layers:
-            if self.owner(layer) == self.rank:
-                decompose(layer)
+        owned = [block for block in blocks if self.owner(block) == self.rank]
+        if owned:
+            decompose(owned)
         if self.mode == DistributionMode.BROADCAST_GRADIENTS:
             return  # decompositions stay with their owners
         for owner in range(self.world_size):
-            owned = [layer for layer in layers if self.owner(layer) == owner]
-            if owned:
-                self._broadcast_decompositions(owned, owner)
+            members = [block for block in blocks if self.owner(block) == owner]
+            if members:
+                self._broadcast_decompositions(members, owner)
 
-    def _broadcast_decompositions(self, layers: list[KFACLayer], owner: int) -> None:
+    def _broadcast_decompositions(self, blocks: list[Block], owner: int) -> None:
         sending = owner == self.rank
-        slots: list[tuple[KFACLayer, int, str, Tensor]] = []
-        for layer in layers:
-            device = layer.adapter.weight.device
+        slots: list[tuple[int, int, str, Tensor]] = []
+        for position, block in enumerate(blocks):
+            device = self._device(block)
             for side, (factor, shapes) in enumerate(
-                zip(layer.factors, layer.decomposition_shapes(self.method), strict=True)
+                zip(block.factors, block.decomposition_shapes(self.method), strict=True)
             ):
                 for name, shape in shapes.items():
                     decomposition = factor.decomposition
                     if sending and decomposition is not None:
-                        tensor = decomposition[name].to(self.inverse_dtype)
+                        tensor = decomposition[name].to(self.inverse_dtype).contiguous()
                     else:  # a receiver's slot, or a failed decomposition sent as NaN
                         fill = float("nan") if sending else 0.0
                         tensor = torch.full(shape, fill, dtype=self.inverse_dtype, device=device)
-                    slots.append((layer, side, name, tensor))
-        sent = broadcast_packed(
+                    slots.append((position, side, name, tensor))
+        sent = broadcast_flat(
             [t for *_, t in slots], self._global_rank(owner), self.group, self.inverse_dtype
         )
         if sending:
             self.broadcast_bytes += sent
-            return
+        # Every rank, the owner included, keeps exactly the tensors that travelled (same dtype,
+        # same layout, NaN for a failed decomposition, which then leaves the raw gradient on the
+        # device): replicas precondition with identical operands.
         received: dict[tuple[int, int], dict[str, Tensor]] = {}
-        for layer, side, name, tensor in slots:
-            received.setdefault((id(layer), side), {})[name] = tensor
-        for layer in layers:
-            for side, factor in enumerate(layer.factors):
-                parts = received[(id(layer), side)]
-                finite = all(bool(torch.isfinite(t).all()) for t in parts.values())
-                factor.set_decomposition(parts if finite else None)
+        for position, side, name, tensor in slots:
+            received.setdefault((position, side), {})[name] = tensor
+        for position, block in enumerate(blocks):
+            for side, factor in enumerate(block.factors):
+                factor.set_decomposition(received[(position, side)])
+
+    # -- use gradients -----------------------------------------------------------------------
+    def average_use_gradients(self, blocks: Sequence[Block]) -> None:
+        tensors: list[Tensor] = []
+        slots: list[tuple[Block, str]] = []
+        for block in blocks:
+            for role, view in (("weight", block.spec.weight), ("bias", block.spec.bias)):
+                if view is None or role not in block.alias_parts:
+                    continue
+                held = block.use_gradients.get(role)
+                if held is None:
+                    shape = block.model.view_shape(view)
+                    dtype = block.factor_dtype
+                    held = torch.zeros(shape, dtype=dtype, device=self._device(block))
+                tensors.append(held)
+                slots.append((block, role))
+        if not tensors:
+            return
+        dtype = tensors[0].dtype
+        flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
+        dist.all_reduce(flat, group=self.group)
+        flat.div_(self.world_size)
+        self.broadcast_bytes += flat.numel() * flat.element_size()
+        offset = 0
+        for (block, role), tensor in zip(slots, tensors, strict=True):
+            count = tensor.numel()
+            block.use_gradients[role] = (
+                flat[offset : offset + count].view(tensor.shape).to(tensor.dtype)
+            )
+            offset += count
 
     # -- preconditioning -------------------------------------------------------------------
     def precondition(
         self,
-        items: Sequence[tuple[KFACLayer, Tensor]],
-        compute: Callable[[KFACLayer, Tensor], Tensor | None],
-    ) -> list[Tensor | None]:
+        items: Sequence[tuple[Block, Tensor]],
+        compute: Callable[[Block, Tensor], Result],
+    ) -> list[Result]:
         if self.mode == DistributionMode.BROADCAST_DECOMPOSITIONS:
             return super().precondition(items, compute)
-        results: list[Tensor | None] = [None] * len(items)
+        results: list[Result] = [None] * len(items)
         for owner in range(self.world_size):
-            positions = [i for i, (layer, _) in enumerate(items) if self.owner(layer) == owner]
+            positions = [i for i, (block, _) in enumerate(items) if self.owner(block) == owner]
             if not positions:
                 continue
             tensors: list[Tensor] = []
             for i in positions:
-                layer, gradient = items[i]
-                value = compute(layer, gradient) if owner == self.rank else None
-                flag = torch.ones(1, dtype=gradient.dtype, device=gradient.device)
-                if value is None:  # the raw gradient stays; the flag says so
-                    value, flag = torch.zeros_like(gradient), flag.zero_()
-                tensors += [value.contiguous(), flag]
-            sent = broadcast_packed(tensors, self._global_rank(owner), self.group, tensors[0].dtype)
+                block, gradient = items[i]
+                value = compute(block, gradient) if owner == self.rank else None
+                flag = torch.zeros(1, dtype=gradient.dtype, device=gradient.device)
+                if value is None:
+                    matrix = torch.zeros_like(gradient)
+                else:
+                    matrix, ok = value
+                    flag = ok.to(gradient.dtype).reshape(1)
+                tensors += [matrix.contiguous(), flag]
+            sent = broadcast_flat(tensors, self._global_rank(owner), self.group, tensors[0].dtype)
             if owner == self.rank:
                 self.broadcast_bytes += sent
             for slot, i in enumerate(positions):
-                value, flag = tensors[2 * slot], tensors[2 * slot + 1]
-                results[i] = value if bool(flag.item()) else None
+                matrix, flag = tensors[2 * slot], tensors[2 * slot + 1]
+                results[i] = (matrix, flag.reshape(()) > 0.5)
         return results
+
+
+def _payload_shapes(block: Block) -> list[tuple[tuple[int, ...], bool]]:
+    return [(factor.shape, not factor.diagonal) for factor in block.factors]

@@ -2,14 +2,29 @@
 
 from lightning_kfac.kfac.distribution import Distributor, LocalDistributor
 from lightning_kfac.kfac.factors import KroneckerFactor
-from lightning_kfac.kfac.options import ComputeMethod
-from lightning_kfac.kfac.preconditioner import KFACNumericalWarning, KFACPreconditioner
+from lightning_kfac.kfac.options import (
+    ComputeMethod,
+    DistributionMode,
+    KFACApproximation,
+    KFACOptions,
+    NonFiniteGradients,
+)
+from lightning_kfac.kfac.preconditioner import (
+    KFACCoverageWarning,
+    KFACNumericalWarning,
+    KFACPreconditioner,
+)
 
 __all__ = [
     "ComputeMethod",
+    "DistributionMode",
     "Distributor",
+    "KFACApproximation",
+    "KFACCoverageWarning",
     "KFACNumericalWarning",
+    "KFACOptions",
     "KFACPreconditioner",
     "KroneckerFactor",
     "LocalDistributor",
+    "NonFiniteGradients",
 ]

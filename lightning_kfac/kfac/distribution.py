@@ -1,8 +1,9 @@
 """The seam between K-FAC's math and the way work is shared among workers.
 
-``KFACPreconditioner`` never talks to a communication library: it hands the two distributed
-moments of a step to a ``Distributor``. ``LocalDistributor`` (one worker does everything) lives
-here; the torch.distributed implementation lives in ``lightning_kfac.distributed``.
+``KFACPreconditioner`` never talks to a communication library: it hands the distributed moments
+of a step to a ``Distributor``. The base class is one worker doing everything; the
+torch.distributed implementation lives in ``lightning_kfac.distributed``. Every method is called
+with the same arguments in the same order on every worker.
 """
 
 from __future__ import annotations
@@ -10,50 +11,87 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
 
+from lightning_kfac.kfac.options import ComputeMethod
+
 if TYPE_CHECKING:
-    from lightning_kfac.kfac.kfac_layer import KFACLayer
+    from lightning_kfac.kfac.blocks import Block
+    from lightning_kfac.kfac.uses import UseSpec
+
+#: The result of preconditioning one block: ``(P, ok)`` or None (keep the raw gradient).
+Result = tuple[Tensor, Tensor] | None
 
 
 class Distributor:
     """Shares K-FAC's work among workers. The base class is the single-worker behaviour."""
 
-    def factors_ready(self, layer: KFACLayer) -> None:
-        """Hint from the backward pass: ``layer`` captured its last micro-batch of this step.
+    #: Device on which tensors the distributor creates live (set by ``setup``).
+    device = torch.device("cpu")
 
-        A distributed implementation may finalise the layer's batch estimates and start
-        reducing them here, overlapping communication with the rest of the backward pass.
+    def agree_on_uses(
+        self, specs: list[UseSpec], unsupported: dict[str, set[str]]
+    ) -> tuple[list[UseSpec], dict[str, set[str]]]:
+        """The union over workers of the uses each saw, and of the unsupported operations."""
+        return specs, unsupported
+
+    def agree_on_new_uses(self, specs: list[UseSpec]) -> list[UseSpec]:
+        """The union over workers of uses seen after the structure was fixed."""
+        return specs
+
+    def setup(
+        self, blocks: Sequence[Block], method: ComputeMethod, inverse_dtype: torch.dtype
+    ) -> None:
+        """The structure is fixed (or changed): plan communication for ``blocks``."""
+
+    def factors_ready(self, block: Block) -> None:
+        """Hint from the backward pass: ``block`` captured its last call of this step.
+
+        A distributed implementation may start reducing its sums here, overlapping communication
+        with the rest of the backward pass.
         """
 
-    def average_factor_batches(self, layers: Sequence[KFACLayer]) -> None:
-        """Replace each factor's finalised ``batch``, in place, by its average over all workers.
+    def discard(self, blocks: Sequence[Block]) -> None:
+        """Forget this step's sums (a step that is not taken)."""
+        for block in blocks:
+            for factor in block.factors:
+                factor.discard_sum()
 
-        Called with the same layers in the same order on every worker.
-        """
+    def reduce_factor_sums(
+        self, blocks: Sequence[Block]
+    ) -> list[list[tuple[Tensor, Tensor]] | None]:
+        """Each block's ``(Σ, count)`` per factor, summed over all workers (the batch estimate
+        is ``Σ / count``), or None when this worker captured nothing for it and nothing needs to
+        be agreed. Consumes the blocks' sums."""
+        out: list[list[tuple[Tensor, Tensor]] | None] = []
+        for block in blocks:
+            if not block.has_sums:
+                for factor in block.factors:
+                    factor.discard_sum()
+                out.append(None)
+                continue
+            out.append([factor.take_sum(torch.device("cpu")) for factor in block.factors])
+        return out
 
     def run_decompositions(
-        self, layers: Sequence[KFACLayer], decompose: Callable[[KFACLayer], None]
+        self, blocks: Sequence[Block], decompose: Callable[[list[Block]], None]
     ) -> None:
-        """Make every layer in ``layers`` hold the decomposition ``decompose(layer)`` computes.
+        """Make every block in ``blocks`` hold the decompositions ``decompose`` computes (it takes
+        a list, so that same-shaped factors are decomposed in one batched call)."""
+        decompose(list(blocks))
 
-        A distributed implementation runs ``decompose`` for each layer on one owner worker and
-        sends the result to the others.
-        """
-        for layer in layers:
-            decompose(layer)
+    def average_use_gradients(self, blocks: Sequence[Block]) -> None:
+        """Per-use gradients of parameters with several uses: average them over workers."""
 
     def precondition(
         self,
-        items: Sequence[tuple[KFACLayer, Tensor]],
-        compute: Callable[[KFACLayer, Tensor], Tensor | None],
-    ) -> list[Tensor | None]:
-        """Preconditioned matrix (or None: keep the raw gradient) for each ``(layer, gradient)``.
-
-        A distributed implementation may compute each on the layer's owner and send it out.
-        """
-        return [compute(layer, gradient) for layer, gradient in items]
+        items: Sequence[tuple[Block, Tensor]],
+        compute: Callable[[Block, Tensor], Result],
+    ) -> list[Result]:
+        """``(P, ok)`` (or None: keep the raw gradient) for each ``(block, gradient)``."""
+        return [compute(block, gradient) for block, gradient in items]
 
 
 class LocalDistributor(Distributor):
-    """One worker: nothing to average, every decomposition computed here."""
+    """One worker: nothing to share."""

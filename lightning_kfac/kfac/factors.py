@@ -1,17 +1,21 @@
-"""KroneckerFactor: one Kronecker factor (``A`` or ``G``) of one layer, and its decomposition.
+"""KroneckerFactor: one curvature factor of one use (``A``, ``G`` or a unit-wise Fisher block).
 
-The same type serves both sides. A factor goes through three stages each factor update:
+The same type serves every side. A factor is ``blocks`` independent square blocks of side ``dim``,
+kept dense (``[blocks, dim, dim]``) or, for sides above ``max_factor_dim`` and for the one-hot
+input of an embedding, diagonal (``[blocks, dim]``, the diagonal of the dense factor).
 
-1. ``accumulate(sum, count)`` — called from the hooks, possibly several times (gradient
-   accumulation, several calls of the module): sums of outer products and their normaliser.
-2. ``finalize_batch()`` — stores ``batch = sum / count``, the estimate of the current mini-batch.
-   A distributed runner averages ``batch`` across ranks (in place) before stage 3; it may do so
-   early, from the backward pass, as soon as a layer's capture is complete.
-3. ``update(decay)`` — running average ``F <- decay · F + (1 - decay) · batch``; the first
-   update sets ``F = batch`` (DESIGN §2). A non-finite batch is rejected and ``F`` is unchanged.
+Each factor update goes through three stages:
 
-The decomposition (eigenpairs for the eigen method, a shifted inverse for the inverse method) is
-stored beside the running average and recomputed on inverse-update steps.
+1. ``accumulate(total, count)`` — from the capture hooks, possibly many times per step (calls of a
+   looped layer, micro-batches): sums of outer products and their normaliser.
+2. ``take_sum()`` — the step's ``(Σ, count)``; a distributed runner all-reduces both (so ranks
+   are weighted by what they captured), then ``batch = Σ / count``.
+3. ``update(batch, decay)`` — running average ``F ← decay·F + (1 − decay)·batch``; the first
+   accepted batch sets ``F = batch`` (DESIGN §2).
+
+Everything in stage 3 stays on the device: a batch that is not finite (or a step the caller marks
+as rejected) leaves ``F`` unchanged through ``torch.where``, with no host synchronisation; the
+count of rejected batches is read back only when faults are reported.
 """
 
 from __future__ import annotations
@@ -23,79 +27,113 @@ from torch import Tensor
 
 
 class KroneckerFactor:
-    """Running average of a ``[blocks, dim, dim]`` Kronecker factor with its decomposition.
+    """Running average of a ``[blocks, dim, dim]`` (or diagonal ``[blocks, dim]``) factor.
 
     Args:
         dim: Side of each square block.
-        blocks: Number of independent blocks (convolution groups; 1 otherwise).
-        dtype: Dtype in which sums and the running average are kept (``factor_dtype``).
+        blocks: Number of independent blocks (convolution groups, norm channels; else 1).
+        dtype: Dtype of the sums and the running average (``factor_dtype``).
+        diagonal: Keep only the diagonal.
     """
 
-    def __init__(self, dim: int, blocks: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self, dim: int, blocks: int, dtype: torch.dtype, *, diagonal: bool = False
+    ) -> None:
         self.dim = dim
         self.blocks = blocks
         self.dtype = dtype
+        self.diagonal = diagonal
+        #: The running average (None before the first update).
         self.value: Tensor | None = None
+        #: 0-dim bool: whether ``value`` holds an accepted batch (device-side).
+        self.seen: Tensor | None = None
+        #: 0-dim int64: batches rejected as non-finite (device-side; read when reporting).
+        self.rejected: Tensor | None = None
+        #: Number of ``update`` calls.
         self.updates = 0
         #: Tensors of the current decomposition (names depend on the method), or None.
         self.decomposition: dict[str, Tensor] | None = None
         #: True when ``value`` changed after ``decomposition`` was computed from it.
         self.changed_since_decomposition = False
-        #: The finalised estimate of the current mini-batch, until ``update`` consumes it.
-        self.batch: Tensor | None = None
         self._sum: Tensor | None = None
-        self._count = 0.0
-
-    # -- stage 1: accumulation -------------------------------------------------------------
-    def accumulate(self, outer_product_sum: Tensor, count: float) -> None:
-        """Add ``Σ r r^T`` (shape ``[blocks, dim, dim]``) over ``count`` normalising units."""
-        outer_product_sum = outer_product_sum.to(self.dtype)
-        if self._sum is None:
-            self._sum = outer_product_sum.clone()
-        else:
-            self._sum.add_(outer_product_sum)
-        self._count += count
+        self._count: float | Tensor = 0.0
 
     @property
-    def has_batch(self) -> bool:
-        """Whether this step has a batch: accumulated sums or an already finalised estimate."""
-        return self.batch is not None or (self._sum is not None and self._count > 0)
+    def shape(self) -> tuple[int, ...]:
+        return (self.blocks, self.dim) if self.diagonal else (self.blocks, self.dim, self.dim)
 
-    def discard_batch(self) -> None:
-        """Forget this step's batch (e.g. a step skipped by the AMP scaler)."""
-        self.batch = None
+    @property
+    def numel(self) -> int:
+        return self.blocks * self.dim * (1 if self.diagonal else self.dim)
+
+    # -- stage 1: accumulation -------------------------------------------------------------
+    def accumulate(self, total: Tensor, count: float | Tensor) -> None:
+        """Add ``Σ r r^T`` (or its diagonal) over ``count`` normalising units."""
+        total = total.to(self.dtype)
+        if self._sum is None:
+            self._sum = total.clone()
+        else:
+            self._sum.add_(total)
+        self._count = self._count + count
+
+    @property
+    def has_sum(self) -> bool:
+        """Whether anything was accumulated since the last ``take_sum``."""
+        return self._sum is not None
+
+    def discard_sum(self) -> None:
+        """Forget this step's sums (e.g. a step the AMP scaler skips)."""
         self._sum = None
         self._count = 0.0
 
-    # -- stage 2: batch estimate -----------------------------------------------------------
-    def finalize_batch(self) -> Tensor:
-        """Set and return ``batch = Σ r r^T / count`` (idempotent until ``update``)."""
-        if self.batch is None:
-            if self._sum is None or self._count <= 0:
-                raise RuntimeError("finalize_batch() called with nothing accumulated")
-            self.batch = self._sum.div_(self._count)
-            self._sum = None
-            self._count = 0.0
-        return self.batch
+    # -- stage 2: the step's sum -------------------------------------------------------------
+    def take_sum(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``(Σ, count)`` of this step (zeros and count 0 when nothing was captured here); resets.
+
+        ``count`` is a 0-dim tensor in ``dtype`` so that it can travel in a collective.
+        """
+        total = (
+            self._sum
+            if self._sum is not None
+            else torch.zeros(self.shape, dtype=self.dtype, device=device)
+        )
+        count = torch.as_tensor(self._count, dtype=self.dtype, device=total.device)
+        self.discard_sum()
+        return total, count
 
     # -- stage 3: running average ----------------------------------------------------------
-    def update(self, decay: float) -> bool:
-        """Fold ``batch`` into the running average; return False (and change nothing) if not finite.
+    def update(
+        self, total: Tensor, count: Tensor, decay: float, accept: Tensor | None = None
+    ) -> None:
+        """Fold the batch estimate ``total / count`` into the running average, on the device.
 
-        ``F <- batch`` on the first update, then ``F <- decay · F + (1 - decay) · batch``.
-        The batch is consumed either way.
+        ``F ← d·F + (1 − d)·batch`` with ``d = decay`` once a batch was accepted and ``d = 0``
+        before (so the first accepted batch sets ``F``). Nothing changes when ``count`` is 0 (no
+        worker captured this factor) or ``accept`` is False (a skipped step); a batch that is not
+        finite is rejected too and counted in ``rejected``.
         """
-        batch = self.finalize_batch()
-        self.batch = None
-        if not bool(torch.isfinite(batch).all()):
-            return False
+        present = count > 0
+        batch = (total / torch.where(present, count, torch.ones_like(count))).to(self.dtype)
         if self.value is None:
-            self.value = batch.clone()
-        else:
-            self.value.mul_(decay).add_(batch, alpha=1.0 - decay)
+            self.value = torch.zeros_like(batch)
+            self.seen = torch.zeros((), dtype=torch.bool, device=batch.device)
+            self.rejected = torch.zeros((), dtype=torch.int64, device=batch.device)
+        assert self.seen is not None and self.rejected is not None
+        batch_finite = torch.isfinite(batch).all()
+        finite = batch_finite & present
+        if accept is not None:
+            finite = finite & accept
+        effective_decay = torch.where(
+            self.seen,
+            torch.as_tensor(decay, dtype=self.dtype, device=batch.device),
+            torch.zeros((), dtype=self.dtype, device=batch.device),
+        )
+        blended = self.value * effective_decay + batch * (1 - effective_decay)
+        self.value = torch.where(finite, blended, self.value)
+        self.seen = self.seen | finite
+        self.rejected = self.rejected + (present & ~batch_finite).to(torch.int64)
         self.updates += 1
         self.changed_since_decomposition = True
-        return True
 
     def set_decomposition(self, decomposition: dict[str, Tensor] | None) -> None:
         """Store a freshly computed decomposition of the current ``value`` (None on failure)."""
@@ -104,35 +142,72 @@ class KroneckerFactor:
 
     # -- persistence -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Running average and counter; the decomposition only when it is *older* than the value.
+        """Running average and counters; the decomposition only when it is *older* than the value.
 
         When the value changed after the last decomposition (a factor update between two
         inverse updates), recomputing the decomposition from the saved value would not reproduce
         the run, so the decomposition itself is saved; otherwise it is recomputed on load.
         """
-        state: dict[str, Any] = {"value": self.value, "updates": self.updates}
+        state: dict[str, Any] = {
+            "value": self.value,
+            "seen": self.seen,
+            "updates": self.updates,
+            "diagonal": self.diagonal,
+        }
         if self.changed_since_decomposition and self.decomposition is not None:
             state["decomposition"] = dict(self.decomposition)
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from ``state_dict``; tensors keep the device of this factor's value if any."""
-        value = state["value"]
-        if value is not None and value.shape != (self.blocks, self.dim, self.dim):
+    def check_state(self, state: dict[str, Any], name: str) -> None:
+        """Validate a saved state before loading it: shape, finiteness, symmetry.
+
+        Raises ``ValueError`` naming the factor and what is wrong.
+        """
+        value = state.get("value")
+        if bool(state.get("diagonal", False)) != self.diagonal:
+            now, saved = ("diagonal", "dense") if self.diagonal else ("dense", "diagonal")
             raise ValueError(
-                f"factor shape {tuple(value.shape)} in the state dict does not match "
-                f"{(self.blocks, self.dim, self.dim)}: was the state saved for another model?"
+                f"K-FAC checkpoint: factor {name} was saved {saved} but is {now} now "
+                "(max_factor_dim changed?)"
             )
-        self.value = None if value is None else value.to(self.dtype).clone()
+        if value is None:
+            return
+        if tuple(value.shape) != self.shape:
+            raise ValueError(
+                f"K-FAC checkpoint: factor {name} has shape {tuple(value.shape)}, expected "
+                f"{self.shape}: was it saved for another model?"
+            )
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"K-FAC checkpoint: factor {name} holds non-finite values")
+        magnitude = float(value.abs().max()) if value.numel() else 0.0
+        if magnitude > 1e30:
+            raise ValueError(
+                f"K-FAC checkpoint: factor {name} holds values up to {magnitude:.3g}: corrupted?"
+            )
+        if not self.diagonal:
+            asymmetry = float((value - value.mT).abs().max()) if value.numel() else 0.0
+            if asymmetry > 1e-5 * max(magnitude, 1e-30) + 1e-30:
+                raise ValueError(
+                    f"K-FAC checkpoint: factor {name} is not symmetric (|F − Fᵀ| up to "
+                    f"{asymmetry:.3g}): corrupted?"
+                )
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        """Restore from ``state_dict`` onto ``device`` (call ``check_state`` first). Sums being
+        accumulated for the coming step are kept: they belong to the step, not to the state."""
+        value = state["value"]
+        self.value = None if value is None else value.to(device=device, dtype=self.dtype).clone()
+        seen = state.get("seen")
+        if self.value is not None:
+            self.seen = (
+                torch.ones((), dtype=torch.bool, device=device)
+                if seen is None
+                else seen.to(device).clone()
+            )
+            self.rejected = torch.zeros((), dtype=torch.int64, device=device)
         self.updates = int(state["updates"])
         saved = state.get("decomposition")
-        self.decomposition = None if saved is None else {k: v.clone() for k, v in saved.items()}
+        self.decomposition = (
+            None if saved is None else {k: v.to(device).clone() for k, v in saved.items()}
+        )
         self.changed_since_decomposition = saved is not None
-        self.discard_batch()
-
-    def to(self, device: torch.device) -> None:
-        """Move stored tensors to ``device`` (after loading a checkpoint mapped to the CPU)."""
-        if self.value is not None:
-            self.value = self.value.to(device)
-        if self.decomposition is not None:
-            self.decomposition = {k: v.to(device) for k, v in self.decomposition.items()}
