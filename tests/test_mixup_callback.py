@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import namedtuple
 from pathlib import Path
 from typing import Any
@@ -444,3 +445,263 @@ def test_kfac_with_mixup_trains(tmp_path: Path) -> None:
     losses = torch.tensor(torch.load(tmp_path / "losses.pt"))
     assert losses.numel() == 30 and bool(torch.isfinite(losses).all())
     assert float(losses[-6:].mean()) < 0.7 * float(losses[:6].mean())
+
+
+# -- nothing silent ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        (dict(alpha=math.nan), ValueError, r"alpha=nan\): alpha must be finite; λ ~ Beta"),
+        (dict(alpha=math.inf), ValueError, r"alpha=inf\): alpha must be finite"),
+        (dict(alpha=10**400), ValueError, r"alpha must be finite"),
+        (dict(alpha=-0.4), ValueError, r"alpha=-0.4\): λ ~ Beta\(alpha, alpha\) needs a finite"),
+        (dict(alpha="0.4"), TypeError, r"alpha must be a real number"),
+        (dict(alpha=True), TypeError, r"alpha must be a real number"),
+        (dict(cutmix_alpha=math.nan), ValueError, r"cutmix_alpha=nan\): cutmix_alpha must be"),
+        (dict(cutmix_alpha=-1.0), ValueError, r"0 switches CutMix off"),
+        (dict(alpha=0.0), ValueError, r"both 0: nothing to mix"),
+        (dict(prob=1.5), ValueError, r"prob=1.5\): prob must be in \[0, 1\]"),
+        (dict(prob=math.nan), ValueError, r"prob=nan\): prob must be finite"),
+        (dict(switch_prob=-0.1), ValueError, r"switch_prob must be in \[0, 1\]"),
+        (dict(label_smoothing=1.0), ValueError, r"label_smoothing must be in \[0, 1\)"),
+        (dict(label_smoothing=math.nan), ValueError, r"label_smoothing must be finite"),
+        (dict(off_last_epochs=-1), ValueError, r"off_last_epochs must be a whole number >= 0"),
+        (dict(off_last_epochs=2.5), ValueError, r"off_last_epochs must be a whole number"),
+        (dict(off_last_steps=-3), ValueError, r"off_last_steps must be a whole number >= 0"),
+        (dict(input_index=1), ValueError, r"must be different batch elements"),
+        (dict(target_index=1.0), TypeError, r"target_index must be an int"),
+        (dict(input_key="y"), ValueError, r"must be different batch entries"),
+        (dict(seed=1.5), TypeError, r"seed must be an int or None"),
+    ],
+)
+def test_constructor_validates_every_numeric_option(options: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        MixupCallback(**options)
+
+
+def test_valid_extremes_are_accepted() -> None:
+    MixupCallback(alpha=0.0, cutmix_alpha=1.0)  # CutMix only
+    MixupCallback(alpha=1e-300, prob=0.0, switch_prob=1.0, label_smoothing=0.0, seed=-1)
+    MixupCallback(alpha=1e300, seed=2**70, off_last_epochs=0, off_last_steps=10)
+
+
+class Tokens(Plain):
+    """A text classifier on token ids: an embedding, mean-pooled."""
+
+    def __init__(self) -> None:
+        super().__init__("list")
+        self.net = nn.Sequential(nn.Embedding(20, 8), nn.Flatten(), nn.Linear(8 * 5, CLASSES))
+
+    def train_dataloader(self) -> DataLoader:
+        tokens = torch.randint(0, 20, (SAMPLES, 5), generator=torch.Generator().manual_seed(0))
+        return DataLoader(list(zip(tokens, tensors()[1], strict=True)), batch_size=12)
+
+
+def test_token_id_inputs_raise_at_the_first_batch(tmp_path: Path) -> None:
+    module = Tokens()
+    with pytest.raises(TypeError, match=r"mixup mixes float inputs, got torch.int64.*embeddings"):
+        fit(tmp_path, module, MixupCallback(alpha=0.4, prob=0.5, seed=0))
+    assert module.records == []  # never silently swapped samples: no step ran
+
+
+def test_cutmix_only_accepts_integer_images_and_copies_pixels(tmp_path: Path) -> None:
+    class Bytes(Plain):
+        def __init__(self) -> None:
+            super().__init__("list")
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(36, CLASSES))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x.float() / 255)
+
+        def train_dataloader(self) -> DataLoader:
+            images = torch.randint(0, 256, (SAMPLES, 1, 6, 6), dtype=torch.uint8)
+            return DataLoader(list(zip(images, tensors()[1], strict=True)), batch_size=12)
+
+    module = Bytes()
+    seen = []
+    callback = MixupCallback(alpha=0.0, cutmix_alpha=1.0, seed=4)
+    original = callback._mix
+    callback._mix = lambda i, t, c: (seen.append(i.clone()), original(i, t, c))[1]
+    fit(tmp_path, module, callback, max_steps=1)
+    x, mixed = seen[0], module.records[0]["x"]
+    assert mixed.dtype == torch.uint8
+    partner = x[callback.last["permutation"]]
+    assert bool(((mixed == x) | (mixed == partner)).all())  # every pixel copied, none blended
+    kept = (mixed == x).flatten(1).double().mean(1)
+    assert bool((kept >= callback.last["lam"] - 1e-12).all())
+
+
+@pytest.mark.parametrize("alpha", [1e-300, 1e-30, 1e6])
+def test_extreme_alphas_train_with_finite_lambda(tmp_path: Path, alpha: float) -> None:
+    module = Plain("list")
+    callback = MixupCallback(alpha=alpha, per_sample=True, seed=6)
+    lams = []
+    original = callback._mix
+    callback._mix = lambda i, t, c: (lambda out: (lams.append(out[2]), out)[1])(original(i, t, c))
+    fit(tmp_path, module, callback, max_steps=3)
+    lam = torch.cat(lams)
+    assert lam.numel() == 36 and not bool(torch.isnan(lam).any())
+    if alpha < 1:
+        assert bool(((lam == 0) | (lam == 1)).all()) and 0 < float(lam.mean()) < 1
+    else:
+        assert float((lam - 0.5).abs().max()) < 0.01
+    assert all(bool(torch.isfinite(r["loss"])) for r in module.records)
+
+
+LABEL_LOSSES = {
+    "F.cross_entropy(logits, y.view(-1))": lambda logits, y: F.cross_entropy(logits, y.view(-1)),
+    "nn.CrossEntropyLoss()(logits, y.long())": lambda logits, y: nn.CrossEntropyLoss()(
+        logits, y.long()
+    ),
+    "F.cross_entropy(logits, y.to(logits.device).reshape(-1))": lambda logits, y: F.cross_entropy(
+        logits, y.to(logits.device).reshape(-1)
+    ),
+    "F.cross_entropy(logits.view(-1, C), y.view(-1, 1).view(-1))": lambda logits, y: (
+        F.cross_entropy(logits.view(-1, CLASSES), y.view(-1, 1).view(-1))
+    ),
+}
+
+
+@pytest.mark.parametrize("loss", LABEL_LOSSES.values(), ids=LABEL_LOSSES.keys())
+def test_flattening_training_steps_get_the_exact_mixed_loss(tmp_path: Path, loss) -> None:
+    module = Plain("list", loss=loss)
+    callback = MixupCallback(alpha=0.4, per_sample=True, seed=3)
+    fit(tmp_path, module, callback, max_steps=1)
+    (record,) = module.records
+    lam, perm = callback.last["lam"], callback.last["permutation"]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        logits = Plain("list")(record["x"]).double()
+    y = tensors()[1][:12]
+    expected = (
+        lam * F.cross_entropy(logits, y, reduction="none")
+        + (1 - lam) * F.cross_entropy(logits, y[perm], reduction="none")
+    ).mean()
+    assert float(record["loss"]) == pytest.approx(float(expected), rel=1e-5)
+    dominant = torch.where(lam >= 0.5, y, y[perm])
+    assert float(record["correct"]) == pytest.approx(
+        float((logits.argmax(1) == dominant).float().mean())
+    )
+
+
+def test_sequence_labels_with_hugging_face_flattening(tmp_path: Path) -> None:
+    """Float token features [N, T, D], labels [N, T] with ignore_index: λ_i over all T tokens."""
+    steps, vocab = 5, 7
+
+    class Tagger(Plain):
+        def __init__(self) -> None:
+            super().__init__("list")
+            torch.manual_seed(0)
+            self.net = nn.Linear(FEATURES, vocab)
+            self.accuracy = torchmetrics.classification.MulticlassAccuracy(
+                num_classes=vocab, ignore_index=-100
+            )
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, labels = batch
+            logits = self(x)  # [N, T, V]
+            loss = F.cross_entropy(logits.view(-1, vocab), labels.view(-1))
+            self.accuracy(logits.view(-1, vocab), labels.view(-1))
+            self.records.append({"x": x.detach().clone(), "y": labels, "loss": loss.detach()})
+            return loss
+
+        def train_dataloader(self) -> DataLoader:
+            gen = torch.Generator().manual_seed(5)
+            x = torch.randn(SAMPLES, steps, FEATURES, generator=gen)
+            labels = torch.randint(0, vocab, (SAMPLES, steps), generator=gen)
+            labels[::3, 3:] = -100  # padding
+            return DataLoader(list(zip(x, labels, strict=True)), batch_size=12)
+
+    module = Tagger()
+    callback = MixupCallback(alpha=0.4, per_sample=True, seed=8)
+    fit(tmp_path, module, callback, max_steps=1)
+    (record,) = module.records
+    lam, perm = callback.last["lam"], callback.last["permutation"]
+    y_a = torch.stack([module.train_dataloader().dataset[i][1] for i in range(12)])
+    y_b = y_a[perm]
+    assert isinstance(record["y"], MixedLabels) and record["y"].lam.shape == (12, steps)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        log_p = Tagger()(record["x"]).double().log_softmax(-1)  # [N, T, V]
+    numerator, denominator = 0.0, 0.0
+    for i in range(12):
+        for t in range(steps):
+            for weight, label in ((lam[i], y_a[i, t]), (1 - lam[i], y_b[i, t])):
+                if label != -100:
+                    numerator -= float(weight * log_p[i, t, label])
+                    denominator += float(weight)
+    assert float(record["loss"]) == pytest.approx(numerator / denominator, rel=1e-5)
+
+
+@pytest.mark.parametrize("one_hot", [False, True])
+def test_cutmix_dense_labels_follow_the_pasted_pixels(tmp_path: Path, one_hot: bool) -> None:
+    """Segmentation under CutMix: each pixel's label is the label of the image it came from, for
+    integer maps [N, H, W] and for float (one-hot) maps [N, C, H, W]."""
+
+    class Segmenter(Plain):
+        def __init__(self) -> None:
+            super().__init__("list")
+            torch.manual_seed(0)
+            self.net = nn.Conv2d(1, CLASSES, 3, padding=1)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, labels = batch
+            loss = F.cross_entropy(self(x), labels)
+            self.records.append({"x": x.detach().clone(), "y": labels, "loss": loss.detach()})
+            return loss
+
+        def train_dataloader(self) -> DataLoader:
+            gen = torch.Generator().manual_seed(6)
+            images = torch.randn(SAMPLES, 1, 6, 6, generator=gen)
+            maps = torch.randint(0, CLASSES, (SAMPLES, 6, 6), generator=gen)
+            if one_hot:
+                maps = F.one_hot(maps, CLASSES).permute(0, 3, 1, 2).float()
+            return DataLoader(list(zip(images, maps, strict=True)), batch_size=12)
+
+    module = Segmenter()
+    callback = MixupCallback(alpha=0.0, cutmix_alpha=1.0, seed=2)
+    seen = []
+    original = callback._mix
+    callback._mix = lambda i, t, c: (seen.append((i.clone(), t.clone())), original(i, t, c))[1]
+    fit(tmp_path, module, callback, max_steps=1)
+    (x, maps), record = seen[0], module.records[0]
+    perm = callback.last["permutation"]
+    from_partner = (record["x"] != x)[:, 0]  # pixels pasted from the partner
+    assert bool(from_partner.any()) and not bool(from_partner.all())
+    if one_hot:
+        maps = maps.argmax(1)
+        pasted = torch.where(from_partner, maps[perm], maps)
+        expected = F.one_hot(pasted, CLASSES).permute(0, 3, 1, 2).float()
+        assert type(record["y"]) is torch.Tensor and torch.equal(record["y"], expected)
+    else:
+        pasted = torch.where(from_partner, maps[perm], maps)
+        assert torch.equal(record["y"].dominant(), pasted)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        logits = Segmenter()(record["x"]).double()
+    assert float(record["loss"]) == pytest.approx(float(F.cross_entropy(logits, pasted)), rel=1e-5)
+
+
+def test_batches_mixup_cannot_handle_raise_at_the_first_batch(tmp_path: Path) -> None:
+    class Maps(Plain):
+        def train_dataloader(self) -> DataLoader:
+            images = torch.randn(SAMPLES, 1, 6, 6)
+            maps = torch.randint(0, CLASSES, (SAMPLES, 3, 3))  # not the images' 6 x 6
+            return DataLoader(list(zip(images, maps, strict=True)), batch_size=12)
+
+    module = Maps()
+    with pytest.raises(ValueError, match=r"dense targets must be \[N, H, W\] with the images'"):
+        fit(tmp_path, module, MixupCallback(alpha=0.4, cutmix_alpha=1.0, prob=0.5))
+    with pytest.raises(ValueError, match=r"running=True\) .* needs one integer label per"):
+        fit(tmp_path, module, MixupCallback(alpha=0.4, running=True))
+    with pytest.raises(ValueError, match=r"CutMix \(cutmix_alpha > 0\) needs image batches"):
+        fit(tmp_path, Plain("list"), MixupCallback(alpha=0.4, cutmix_alpha=1.0, switch_prob=0.1))
+    assert module.records == []
+
+
+def test_a_loss_on_labels_that_lost_their_mix_raises_in_training(tmp_path: Path) -> None:
+    def hand_written(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return -(logits.log_softmax(1) * F.one_hot(y, CLASSES)).sum(1).mean()
+
+    with pytest.raises(MixupLossError, match=r"Tensor.mul combines labels that lost their mix in"):
+        fit(tmp_path, Plain("list", loss=hand_written), MixupCallback(seed=0))

@@ -5,9 +5,19 @@ each training batch reaches it already mixed:
 
 - the inputs become ``x̃ = λ x + (1 − λ) x_π`` (or a CutMix paste of ``x_π``);
 - integer labels become ``MixedLabels``, so ``F.cross_entropy(self(x), y)`` (or
-  ``nn.CrossEntropyLoss``) returns the exact mixup loss, while metrics and ``argmax`` comparisons
-  receive each sample's dominant label (see ``lightning_kfac.mixing``); other losses raise;
+  ``nn.CrossEntropyLoss``) returns the exact mixup loss, also after ``y.view(-1)``, ``y.long()``,
+  ``y.to(device)`` and other ops that keep the mix, while metrics and ``argmax`` comparisons
+  receive each sample's dominant label (see ``lightning_kfac.mixing``); other losses, and ops
+  that would drop the mix on the way to a loss, raise ``MixupLossError``;
 - float targets (soft or one-hot) are mixed directly.
+
+Dense labels (``[N, T]`` tokens of float feature sequences, ``[N, H, W]`` segmentation maps) get
+each sample's λ for all their elements under mixup; under CutMix each pixel takes the label of
+the image it came from (``λ`` = 1 outside the box, 0 inside).
+
+Nothing is silent: every numeric option is checked in the constructor, and integer / bool inputs
+(token ids) are refused at the first batch when mixup is on, since ``λ x + (1 − λ) x_π`` would be
+truncated to one of the two samples while the loss keeps both labels.
 
 Batches may be lists or tuples (``input_index`` / ``target_index``, default 0 / 1; namedtuples
 and custom ``collate_fn`` tuples included) or mappings (``input_key`` / ``target_key``). Validation,
@@ -24,6 +34,8 @@ seed, else 0) and the global rank, so ranks draw different λ and permutations; 
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -35,36 +47,96 @@ from torch import Tensor
 from lightning_kfac.mixing import (
     SUPPORTED_FORMS,
     MixedLabels,
-    cutmix_inputs,
+    cutmix_inputs_and_mask,
     mix_inputs,
     mix_soft_targets,
     sample_beta,
 )
 
 
+def _real(name: str, value: Any, *, fix: str) -> float:
+    """``value`` as a finite float, else a ``TypeError`` / ``ValueError`` naming the option."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"MixupCallback({name}={value!r}): {name} must be a real number; {fix}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise ValueError(f"MixupCallback({name}={value!r}): {name} must be finite; {fix}")
+    return number
+
+
+def _check_alpha(name: str, value: Any, switches_off: str) -> float:
+    fix = (
+        f"λ ~ Beta({name}, {name}) needs a finite {name} >= 0 (typical 0.2 to 1; 0 switches "
+        f"{switches_off} off)"
+    )
+    number = _real(name, value, fix=fix)
+    if number < 0:
+        raise ValueError(f"MixupCallback({name}={value!r}): {fix}")
+    return number
+
+
+def _check_fraction(name: str, value: Any, *, below_one: bool = False, fix: str) -> float:
+    number = _real(name, value, fix=fix)
+    if not (0.0 <= number < 1.0 if below_one else 0.0 <= number <= 1.0):
+        interval = "[0, 1)" if below_one else "[0, 1]"
+        raise ValueError(f"MixupCallback({name}={value!r}): {name} must be in {interval}; {fix}")
+    return number
+
+
+def _check_count(name: str, value: Any, fix: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(
+            f"MixupCallback({name}={value!r}): {name} must be a whole number >= 0; {fix}"
+        )
+    return int(value)
+
+
+def _check_index(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"MixupCallback({name}={value!r}): {name} must be an int position in list/tuple batches"
+        )
+    return int(value)
+
+
 class MixupCallback(pl.Callback):
     """Mixup (Zhang et al. 2018) / CutMix (Yun et al. 2019) for any classification module.
 
     Args:
-        alpha: λ ~ Beta(α, α) for mixup; 0 disables mixup (CutMix only).
+        alpha: λ ~ Beta(α, α) for mixup; finite and ≥ 0, 0 disables mixup (CutMix only). Tiny α
+            gives λ ∈ {0, 1} (a fair coin: the α → 0 limit), huge α gives λ ≈ 1/2; see
+            ``lightning_kfac.mixing.sample_beta``. Mixup needs float inputs.
         per_sample: Draw one λ per sample instead of one per batch.
-        cutmix_alpha: λ ~ Beta(α, α) for CutMix; 0 (default) disables CutMix.
+        cutmix_alpha: λ ~ Beta(α, α) for CutMix; finite and ≥ 0, 0 (default) disables CutMix.
+            CutMix needs ``[N, C, H, W]`` images (integer images are fine).
         switch_prob: With both enabled, probability that a batch uses CutMix instead of mixup.
-        prob: Probability of mixing a batch at all.
+            In ``[0, 1]``.
+        prob: Probability of mixing a batch at all. In ``[0, 1]``.
         label_smoothing: ε applied to the mixed targets (a loss call's own nonzero
-            ``label_smoothing`` takes precedence).
-        off_last_epochs: No mixing in the final this many epochs of ``max_epochs``.
-        off_last_steps: No mixing in the final this many optimizer steps of the run.
+            ``label_smoothing`` takes precedence). In ``[0, 1)``.
+        off_last_epochs: No mixing in the final this many epochs of ``max_epochs`` (int ≥ 0).
+        off_last_steps: No mixing in the final this many optimizer steps of the run (int ≥ 0).
         running: "Running mixup" (Osawa et al. 2019): mix each batch with the previous *mixed*
             batch (inputs and soft targets) instead of a permutation of itself. The first batch,
-            and any batch whose size differs from the previous one, uses a permutation.
+            and any batch whose size differs from the previous one, uses a permutation. Needs
+            one integer label per sample, or float targets.
         running_max_lambda: With ``running``, use ``λ = max(λ, 1 − λ)`` per sample, so the new batch
             dominates (the recipe's choice).
-        input_index, target_index: Positions in list/tuple batches.
-        input_key, target_key: Keys in mapping batches.
-        seed: Base seed; default Lightning's global seed (``PL_GLOBAL_SEED``) or 0.
+        input_index, target_index: Positions in list/tuple batches (distinct ints).
+        input_key, target_key: Keys in mapping batches (distinct).
+        seed: Base seed (int); default Lightning's global seed (``PL_GLOBAL_SEED``) or 0.
         log_stats: Log ``mixup/lambda_mean``, ``mixup/lambda_min``, ``mixup/applied``,
             ``mixup/cutmix`` each step.
+
+    Raises:
+        TypeError, ValueError: In the constructor, for a non-finite, negative or out-of-range
+            numeric option (the message names the option and what it must be); at the first
+            batch, for integer or bool inputs with mixup on, CutMix on non-image inputs, dense
+            targets whose size does not match the images under CutMix, and dense integer labels
+            with ``running``.
     """
 
     def __init__(
@@ -87,15 +159,40 @@ class MixupCallback(pl.Callback):
         seed: int | None = None,
         log_stats: bool = True,
     ) -> None:
-        if alpha < 0 or cutmix_alpha < 0:
-            raise ValueError("alpha and cutmix_alpha must be >= 0")
+        alpha = _check_alpha("alpha", alpha, "mixup")
+        cutmix_alpha = _check_alpha("cutmix_alpha", cutmix_alpha, "CutMix")
         if alpha == 0 and cutmix_alpha == 0:
-            raise ValueError("alpha and cutmix_alpha are both 0: nothing to mix")
-        for name, value in (("switch_prob", switch_prob), ("prob", prob)):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value}")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+            raise ValueError(
+                "alpha and cutmix_alpha are both 0: nothing to mix; set alpha > 0 (mixup) and/or "
+                "cutmix_alpha > 0 (CutMix), or drop the callback"
+            )
+        switch_prob = _check_fraction(
+            "switch_prob", switch_prob, fix="the probability that a batch uses CutMix"
+        )
+        prob = _check_fraction("prob", prob, fix="the probability that a batch is mixed at all")
+        label_smoothing = _check_fraction(
+            "label_smoothing", label_smoothing, below_one=True, fix="ε of (1 − ε) t + ε / C"
+        )
+        off_last_epochs = _check_count(
+            "off_last_epochs", off_last_epochs, "the number of final epochs without mixing"
+        )
+        off_last_steps = _check_count(
+            "off_last_steps", off_last_steps, "the number of final steps without mixing"
+        )
+        input_index = _check_index("input_index", input_index)
+        target_index = _check_index("target_index", target_index)
+        if input_index == target_index:
+            raise ValueError(
+                f"MixupCallback(input_index={input_index}, target_index={target_index}): inputs "
+                "and targets must be different batch elements"
+            )
+        if input_key == target_key:
+            raise ValueError(
+                f"MixupCallback(input_key={input_key!r}, target_key={target_key!r}): inputs and "
+                "targets must be different batch entries"
+            )
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise TypeError(f"MixupCallback(seed={seed!r}): seed must be an int or None")
         self.alpha = alpha
         self.per_sample = per_sample
         self.cutmix_alpha = cutmix_alpha
@@ -124,7 +221,10 @@ class MixupCallback(pl.Callback):
         if stage != "fit":
             return
         base = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
-        self.generator = torch.Generator().manual_seed(base * 1_000_003 + trainer.global_rank)
+        # manual_seed takes 64-bit seeds and wraps negative ones modulo 2^64: do the same for all
+        self.generator = torch.Generator().manual_seed(
+            (base * 1_000_003 + trainer.global_rank) % 2**64
+        )
         if self._pending_state is not None:
             self.generator.set_state(self._pending_state["generator"])
             self._pending_state = None
@@ -177,6 +277,7 @@ class MixupCallback(pl.Callback):
     # -- the mixing ------------------------------------------------------------------------
     def _maybe_mix(self, batch: Any, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         inputs, targets, rebuild = self._unpack(batch)
+        self._check_batch(inputs, targets)
         # Draw the coin every step (even when the schedule is off) so the sequence does not
         # depend on the schedule.
         apply = self._uniform() < self.prob and not self._scheduled_off(trainer)
@@ -189,6 +290,41 @@ class MixupCallback(pl.Callback):
         mixed_inputs, mixed_targets, lam = self._mix(inputs, targets, use_cutmix)
         self._log(pl_module, lam, applied=True, cutmix=use_cutmix)
         return rebuild(mixed_inputs, mixed_targets)
+
+    def _check_batch(self, inputs: Tensor, targets: Tensor) -> None:
+        """Refuse, at every batch (so at the first), what some batch would mix wrongly."""
+        if self.alpha > 0 and not (inputs.is_floating_point() or inputs.is_complex()):
+            raise TypeError(
+                f"MixupCallback: mixup mixes float inputs, got {inputs.dtype} inputs of shape "
+                f"{tuple(inputs.shape)}. λ x + (1 − λ) x_π on integers (token ids, raw uint8 "
+                "images) would be truncated to one of the two samples while the loss keeps both "
+                "labels. Token ids: mix embeddings inside the model instead (this callback "
+                "cannot). Images: convert them to float in the dataset / collate_fn. CutMix "
+                "alone (alpha=0, cutmix_alpha > 0) copies pixels and accepts integer images."
+            )
+        floating = targets.is_floating_point()
+        per_element = targets.shape[2:] if floating else targets.shape[1:]
+        dense = math.prod(per_element) > 1
+        if self.cutmix_alpha > 0:
+            if inputs.dim() != 4:
+                raise ValueError(
+                    "MixupCallback: CutMix (cutmix_alpha > 0) needs image batches [N, C, H, W], "
+                    f"got inputs of shape {tuple(inputs.shape)}; use alpha only (mixup)"
+                )
+            if dense and tuple(per_element) != tuple(inputs.shape[-2:]):
+                expected = "[N, C, H, W]" if floating else "[N, H, W]"
+                raise ValueError(
+                    f"MixupCallback: CutMix pastes boxes of pixels, so dense targets must be "
+                    f"{expected} with the images' H x W = {tuple(inputs.shape[-2:])} (each pixel "
+                    f"then takes its label from the image it came from); got targets of shape "
+                    f"{tuple(targets.shape)}. Per-sample targets are [N] (labels) or [N, C]."
+                )
+        if self.running and dense and not floating:
+            raise ValueError(
+                "MixupCallback(running=True) mixes with the previous batch's per-sample soft "
+                f"targets and needs one integer label per sample; got labels of shape "
+                f"{tuple(targets.shape)}. Use running=False, or float targets."
+            )
 
     def _mix(self, inputs: Tensor, targets: Tensor, use_cutmix: bool) -> tuple[Tensor, Any, Tensor]:
         assert self.generator is not None
@@ -207,10 +343,17 @@ class MixupCallback(pl.Callback):
             lam = torch.maximum(lam, 1 - lam)
         device_perm = permutation.to(inputs.device)
         partner_inputs = previous[0] if previous is not None else inputs[device_perm]
+        floating = targets.is_floating_point()
+        dense = math.prod(targets.shape[2:] if floating else targets.shape[1:]) > 1
         if use_cutmix:
-            mixed_inputs, lam = cutmix_inputs(inputs, partner_inputs, lam, self.generator)
+            mixed_inputs, lam, inside = cutmix_inputs_and_mask(
+                inputs, partner_inputs, lam, self.generator
+            )
+            # dense targets: each pixel's λ is 1 where it kept its own image, 0 in the box
+            target_lam = (~inside).double() if dense else lam
         else:
             mixed_inputs = mix_inputs(inputs, partner_inputs, lam)
+            target_lam = lam
         self.last = {
             "applied": True,
             "cutmix": use_cutmix,
@@ -218,9 +361,9 @@ class MixupCallback(pl.Callback):
             "permutation": None if previous is not None else permutation,
             "running": previous is not None,
         }
-        if targets.is_floating_point():  # soft or one-hot targets: mixed directly
+        if floating:  # soft or one-hot targets: mixed directly
             partner = previous[1] if previous is not None else targets[device_perm]
-            soft = mix_soft_targets(targets, partner.to(targets), lam)
+            soft = mix_soft_targets(targets, partner.to(targets), target_lam)
             if self.running:
                 self._previous = (mixed_inputs.detach(), soft.detach())
             if self.label_smoothing:
@@ -234,7 +377,7 @@ class MixupCallback(pl.Callback):
         if previous is not None:
             labels = MixedLabels(
                 targets,
-                lam,
+                target_lam,
                 soft_partner=previous[1],
                 label_smoothing=self.label_smoothing,
                 on_soft_targets=record,
@@ -242,7 +385,7 @@ class MixupCallback(pl.Callback):
         else:
             labels = MixedLabels(
                 targets,
-                lam,
+                target_lam,
                 labels_b=targets[device_perm],
                 label_smoothing=self.label_smoothing,
                 on_soft_targets=record,
