@@ -219,7 +219,10 @@ class KFACStrategyMixin:
             figures[f"kfac/{stage}_time_ms"] = 1000.0 * info.get(f"{stage}_time", 0.0)
         distributor = pre.distributor
         if isinstance(distributor, TorchDistributedDistributor):
-            figures["kfac/bytes_communicated"] = float(distributor.bytes_communicated)
+            # float64: Lightning keeps a Python float as float32, exact only below 2**24 bytes.
+            figures["kfac/bytes_communicated"] = torch.tensor(
+                float(distributor.bytes_communicated), dtype=torch.float64
+            )
             distributor.reset_counters()
         else:
             figures["kfac/bytes_communicated"] = 0.0

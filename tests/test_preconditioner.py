@@ -285,3 +285,41 @@ def test_kl_clip_reads_the_current_learning_rate_of_each_param_group() -> None:
         assert kl * nu == pytest.approx(1e-6, rel=1e-8)
     # same gradients, 10x the learning rate: ν shrinks 10x (the factors moved only slightly)
     assert scales[1] == pytest.approx(scales[0] / 10, rel=0.2)
+
+
+def test_batch_dim_option_makes_sequence_first_batches_equal_batch_first() -> None:
+    """``N`` is read from ``batch_dim`` of the first forward argument: a sequence-first model
+    (inputs ``(T, N, d)``) with ``batch_dim=1`` gets exactly the factors of its batch-first twin,
+    and with the default (N read as T) a G scaled by T/N — the silent error the option avoids."""
+
+    class Model(nn.Module):
+        def __init__(self, sequence_first: bool) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.layer = nn.Linear(4, 3)
+            self.sequence_first = sequence_first
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.layer(x)
+            return out.mean(0 if self.sequence_first else 1)
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(8, 5, 4, generator=gen)  # N = 8 samples, T = 5 positions
+    y = torch.randint(0, 3, (8,), generator=gen)
+    factors = {}
+    for name, sequence_first, batch_dim in (
+        ("batch_first", False, 0),
+        ("sequence_first", True, 1),
+        ("sequence_first_default", True, 0),
+    ):
+        model = Model(sequence_first)
+        pre = KFACPreconditioner(model, kl_clip=None, batch_dim=batch_dim)
+        inputs = x.transpose(0, 1) if sequence_first else x
+        F.cross_entropy(model(inputs), y).backward()
+        pre.step()
+        factors[name] = (pre.block("layer.weight").a.value, pre.block("layer.weight").g.value)
+    for got, expected in zip(factors["sequence_first"], factors["batch_first"], strict=True):
+        assert_close(got, expected, rtol=1e-12, atol=1e-14)
+    assert_close(factors["sequence_first_default"][1], factors["batch_first"][1] * 5 / 8)
+    with pytest.raises(ValueError, match="batch_dim must be an integer"):
+        KFACPreconditioner(Model(False), kl_clip=None, batch_dim=1.0)

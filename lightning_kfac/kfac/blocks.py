@@ -158,9 +158,11 @@ class Block:
         return index, total / self.max_rows
 
     def _batch_dim(self, tensor: Tensor, batch_size: int) -> int:
+        # A 2-D tensor is (rows, features): its samples lie along dim 0, possibly flattened with
+        # positions (see LinearModel._samples; hint 1: position-major).
         if self.batch_dim_hint is not None and tensor.dim() > self.batch_dim_hint:
             return self.batch_dim_hint
-        if tensor.dim() >= 2 and tensor.shape[0] != batch_size and tensor.shape[1] == batch_size:
+        if tensor.dim() >= 3 and tensor.shape[0] != batch_size and tensor.shape[1] == batch_size:
             return 1
         return 0
 
@@ -177,7 +179,9 @@ class Block:
             pending.normalize = call.normalize
         elif self.per_sample:
             assert isinstance(model, KroneckerModel)
-            sums, positions = model.a_sample_sums(x.to(self.factor_dtype), pending.batch_dim)
+            sums, positions = model.a_sample_sums(
+                x.to(self.factor_dtype), pending.batch_dim, batch_size
+            )
             pending.a_sums, pending.positions = sums, positions
         else:
             assert isinstance(model, KroneckerModel)
@@ -212,7 +216,9 @@ class Block:
                 sums.g_sums = sample if sums.g_sums is None else sums.g_sums + sample
             else:
                 assert isinstance(model, KroneckerModel) and pending.a_sums is not None
-                sample = model.g_sample_sums(gradient, pending.batch_dim) * scale
+                sample = (
+                    model.g_sample_sums(gradient, pending.batch_dim, pending.batch_size) * scale
+                )
                 sums.g_sums = sample if sums.g_sums is None else sums.g_sums + sample
                 sums.a_sums = (
                     pending.a_sums if sums.a_sums is None else sums.a_sums + pending.a_sums

@@ -2,7 +2,8 @@
 
 Micro-batch boundaries come from the root module's forward: each training forward of the root
 (in Lightning, the redirected ``training_step``) starts a new forward id and sets the batch size
-``N`` — dim 0 of the first tensor among the forward's arguments (Lightning's rule for batches).
+``N`` — dimension ``batch_dim`` (default 0, Lightning's rule for batches) of the first tensor
+among the forward's arguments.
 All calls of one use within one forward are weight-sharing positions of that use.
 
 Until the structure is fixed (the first ``step()``), every recognised call is recorded as a
@@ -32,15 +33,16 @@ from lightning_kfac.kfac.tracing import (
 from lightning_kfac.kfac.uses import UseSpec, make_model, spec_from_call
 
 
-def first_tensor_batch_size(values: Iterable[Any]) -> int | None:
-    """Dim 0 of the first tensor found (depth first through lists, tuples and dicts)."""
+def first_tensor_batch_size(values: Iterable[Any], dim: int = 0) -> int | None:
+    """Size of dimension ``dim`` of the first tensor found (depth first through lists, tuples
+    and dicts); 1 for a tensor without that dimension."""
     for value in values:
         if isinstance(value, Tensor):
-            return int(value.shape[0]) if value.dim() else 1
+            return int(value.shape[dim]) if value.dim() > dim else 1
         if isinstance(value, dict):
-            found = first_tensor_batch_size(value.values())
+            found = first_tensor_batch_size(value.values(), dim)
         elif isinstance(value, list | tuple):
-            found = first_tensor_batch_size(value)
+            found = first_tensor_batch_size(value, dim)
         else:
             continue
         if found is not None:
@@ -72,8 +74,10 @@ class UseCapture(UseListener):
         loss_scale: Callable[[], float | Tensor],
         on_block_complete: Callable[[Block], None],
         on_forward: Callable[[], None],
+        batch_dim: int = 0,
     ) -> None:
         self.root = root
+        self.batch_dim = batch_dim
         self.index = ParameterIndex(named_parameters)
         self.make_block = make_block
         self.capturing = capturing
@@ -131,7 +135,8 @@ class UseCapture(UseListener):
         self.on_forward()
         self.forward_id += 1
         self.training_forwards += 1
-        self.batch_size = first_tensor_batch_size((*args, *kwargs.values())) or 1
+        values = (*args, *kwargs.values())
+        self.batch_size = first_tensor_batch_size(values, self.batch_dim) or 1
         return self.discovering or (self.root_is_site and self._wanted())
 
     # -- calls ----------------------------------------------------------------------------------
@@ -194,9 +199,17 @@ class UseCapture(UseListener):
         elif self.discovering:
             self.discovered.setdefault(spec)
         weight_arg = bias_arg = None
-        if block.needs_use_gradients:
-            weight_arg = self._alias(call.weight, block, "weight")
-            bias_arg = self._alias(call.bias, block, "bias")
+        # While discovering, which parameters have several uses is not known yet (the structure
+        # is fixed in step()): keep every use's own gradient, so that the first step can already
+        # sum the uses' preconditioned gradients of a tied parameter.
+        if block.needs_use_gradients or self.discovering:
+            discovering = self.discovering
+            weight_arg = self._alias(
+                call.weight, block, "weight", always=discovering and weight is not None
+            )
+            bias_arg = self._alias(
+                call.bias, block, "bias", always=discovering and bias is not None
+            )
         output = call.run(weight_arg, bias_arg)
         if self.capturing() and isinstance(output, Tensor) and output.requires_grad:
             with torch.autocast(device_type=output.device.type, enabled=False):
@@ -205,9 +218,9 @@ class UseCapture(UseListener):
         return output
 
     @staticmethod
-    def _alias(tensor: Any, block: Block, part: str) -> Tensor | None:
+    def _alias(tensor: Any, block: Block, part: str, *, always: bool = False) -> Tensor | None:
         """A view of the passed parameter whose gradient is this use's alone."""
-        if not isinstance(tensor, Tensor) or part not in block.alias_parts:
+        if not isinstance(tensor, Tensor) or not (always or part in block.alias_parts):
             return None
         alias = tensor.view_as(tensor)
 

@@ -190,6 +190,10 @@ class KFACOptions:
         max_factor_dim: A factor side above this is kept diagonal (memory ``d`` instead of
             ``d²``, no eigendecomposition). See ``DEFAULT_MAX_FACTOR_DIM``.
         nonfinite_gradients: ``"skip_step"`` or ``"raise"`` when raw gradients are not finite.
+        batch_dim: ``N``, the number of samples the loss averages over, is the size of this
+            dimension of the first tensor among the model's forward arguments (in Lightning:
+            of the batch). 1 for sequence-first batches ``(L, N, ...)``. ``G`` is built from
+            per-sample gradients ``N · ∂loss/∂s``, so a wrong ``N`` rescales it.
         distribution_mode: ``"broadcast_decompositions"`` or ``"broadcast_gradients"``.
         factor_bucket_cap_mb: Size of the factor all-reduce buckets (MiB, > 0); not DDP's own
             ``bucket_cap_mb`` (gradient buckets), which ``KFACDDPStrategy`` passes to DDP.
@@ -209,6 +213,7 @@ class KFACOptions:
     factor_max_rows: int | None = None
     max_factor_dim: int = 8192
     nonfinite_gradients: NonFiniteGradients | str = NonFiniteGradients.SKIP_STEP
+    batch_dim: int = 0
     distribution_mode: DistributionMode | str = DistributionMode.BROADCAST_DECOMPOSITIONS
     factor_bucket_cap_mb: float = 25.0
 
@@ -226,6 +231,8 @@ class KFACOptions:
         _check_positive_int(self.inverse_update_interval, "inverse_update_interval")
         _check_positive_int(self.factor_max_rows, "factor_max_rows", allow_none=True)
         _check_positive_int(self.max_factor_dim, "max_factor_dim")
+        if isinstance(self.batch_dim, bool) or not isinstance(self.batch_dim, int):
+            raise ValueError(f"batch_dim must be an integer, got {self.batch_dim!r}")
         bucket = _check_number(self.factor_bucket_cap_mb, "factor_bucket_cap_mb")
         if not (math.isfinite(bucket) and bucket > 0):
             raise ValueError(

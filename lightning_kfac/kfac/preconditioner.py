@@ -162,6 +162,7 @@ class KFACPreconditioner:
             loss_scale=self._current_loss_scale,
             on_block_complete=self._block_complete,
             on_forward=self._on_forward,
+            batch_dim=opts.batch_dim,
         )
         self.structure: Structure | None = None
         #: Blocks of the agreed structure, in order (the same on every worker).
@@ -257,8 +258,12 @@ class KFACPreconditioner:
         first = spec.parts[0].name
         return (self.param_order.get(first, 1 << 30), spec.site, str(spec.kind), repr(spec))
 
-    def _fix_structure(self) -> None:
-        """Agree on the uses (all workers), build the structure, report coverage."""
+    def fix_structure(self) -> None:
+        """Agree on the uses traced so far (all workers), build the blocks, report coverage.
+
+        ``step()`` calls it on the first step; call it yourself after one training forward to
+        see ``coverage_report()`` (or plan communication) before training.
+        """
         local = list(self.capture.discovered) + list(self.capture.blocks)
         specs, unsupported = self.distributor.agree_on_uses(
             sorted(dict.fromkeys(local), key=self._spec_key), self.capture.unsupported
@@ -367,7 +372,7 @@ class KFACPreconditioner:
                 "(model.train(), gradients enabled); call the model itself, not only submodules"
             )
         if self.structure is None or self._restructure:
-            self._fix_structure()
+            self.fix_structure()
         finite = self._check_gradients(grad_scale)
         inverse_step = step % self.options.inverse_update_interval == 0
         if inverse_step and self.capture.unexpected:
@@ -648,7 +653,7 @@ class KFACPreconditioner:
             "the new uses did not exist)",
             KFACCoverageWarning,
         )
-        self._fix_structure()
+        self.fix_structure()
 
     # -- faults ----------------------------------------------------------------------------
     def _warn_once(

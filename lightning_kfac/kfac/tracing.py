@@ -486,6 +486,7 @@ class UseTracker:
         self.site_stack: list[str] = []
         self.tracer = UseTracer(listener, self.site_stack)
         self._depth = 0  # nesting of activations of the mode
+        self._site_frames: list[bool] = []
         self._root_handles: list[RemovableHandle] = []
         self._site_handles: list[RemovableHandle] = []
         self.discovering = False
@@ -520,15 +521,17 @@ class UseTracker:
             self._exit()
 
     def _site_pre(self, module: nn.Module, args: Any) -> None:
-        if self._depth or (module.training and torch.is_grad_enabled() and self.wanted()):
+        active = bool(self._depth) or (
+            module.training and torch.is_grad_enabled() and self.wanted()
+        )
+        # Pre and post hooks of module calls nest, so a stack pairs them (a flag on the module
+        # would be shared with any other tracker on the same model).
+        self._site_frames.append(active)
+        if active:
             self._enter(self.names.get(id(module), "?"))
-            module._kfac_site_active = True  # type: ignore[attr-defined]
-        else:
-            module._kfac_site_active = False  # type: ignore[attr-defined]
 
     def _site_post(self, module: nn.Module, args: Any, output: Any) -> None:
-        if getattr(module, "_kfac_site_active", False):
-            module._kfac_site_active = False  # type: ignore[attr-defined]
+        if self._site_frames and self._site_frames.pop():
             self._exit()
 
     # -- configuration ----------------------------------------------------------------------

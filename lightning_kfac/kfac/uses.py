@@ -225,11 +225,15 @@ class KroneckerModel(UseModel):
         return True
 
     @abc.abstractmethod
-    def a_sample_sums(self, layer_input: Tensor, batch_dim: int) -> tuple[Tensor, int]:
+    def a_sample_sums(
+        self, layer_input: Tensor, batch_dim: int, batch_size: int | None = None
+    ) -> tuple[Tensor, int]:
         """``(Σ_t a_{n,t}`` ``[B, N, d_in]``, ``T)``."""
 
     @abc.abstractmethod
-    def g_sample_sums(self, output_gradient: Tensor, batch_dim: int) -> Tensor:
+    def g_sample_sums(
+        self, output_gradient: Tensor, batch_dim: int, batch_size: int | None = None
+    ) -> Tensor:
         """``Σ_t g_{n,t}`` ``[B, N, d_out]``."""
 
     def _with_bias(self, matrix: Tensor, bias_grad: Tensor | None) -> Tensor:
@@ -284,18 +288,35 @@ class LinearModel(KroneckerModel):
     def g_rows(self, output_gradient: Tensor, index: Tensor | None) -> Tensor:
         return self._rows(output_gradient, self.out_features, index)
 
-    def a_sample_sums(self, layer_input: Tensor, batch_dim: int) -> tuple[Tensor, int]:
+    @staticmethod
+    def _samples(tensor: Tensor, batch_dim: int, batch_size: int | None, features: int) -> Tensor:
+        """``[N, T, features]``. A 2-D tensor of ``T·N`` rows holds flattened positions:
+        sample-major for ``batch_dim == 0`` (GPT-2 ``Conv1D``'s ``x.view(-1, nx)``),
+        position-major for ``batch_dim == 1`` (the ``(L·N, E)`` input of MHA's ``out_proj``)."""
+        if tensor.dim() == 2:
+            if batch_size is None or tensor.shape[0] % batch_size:
+                return tensor.unsqueeze(1)
+            if batch_dim == 1:
+                return tensor.reshape(-1, batch_size, features).transpose(0, 1)
+            return tensor.reshape(batch_size, -1, features)
+        rows = _move_batch_first(tensor, batch_dim)
+        return rows.reshape(rows.shape[0], -1, features)
+
+    def a_sample_sums(
+        self, layer_input: Tensor, batch_dim: int, batch_size: int | None = None
+    ) -> tuple[Tensor, int]:
         if layer_input.dim() < 2:
             return layer_input.reshape(1, 1, -1), 1
-        rows = _move_batch_first(layer_input, batch_dim)
-        rows = rows.reshape(rows.shape[0], -1, self.in_features)
+        rows = self._samples(layer_input, batch_dim, batch_size, self.in_features)
         return rows.sum(dim=1).unsqueeze(0), rows.shape[1]
 
-    def g_sample_sums(self, output_gradient: Tensor, batch_dim: int) -> Tensor:
+    def g_sample_sums(
+        self, output_gradient: Tensor, batch_dim: int, batch_size: int | None = None
+    ) -> Tensor:
         if output_gradient.dim() < 2:
             return output_gradient.reshape(1, 1, -1)
-        rows = _move_batch_first(output_gradient, batch_dim)
-        return rows.reshape(rows.shape[0], -1, self.out_features).sum(dim=1).unsqueeze(0)
+        rows = self._samples(output_gradient, batch_dim, batch_size, self.out_features)
+        return rows.sum(dim=1).unsqueeze(0)
 
     def to_matrix(self, weight_grad: Tensor | None, bias_grad: Tensor | None) -> Tensor:
         assert weight_grad is not None
@@ -371,12 +392,16 @@ class ConvModel(KroneckerModel):
         rows = grads.permute(1, 0, 3, 2).reshape(self.blocks, -1, self.out_features)
         return rows if index is None else rows[:, index]
 
-    def a_sample_sums(self, layer_input: Tensor, batch_dim: int) -> tuple[Tensor, int]:
+    def a_sample_sums(
+        self, layer_input: Tensor, batch_dim: int, batch_size: int | None = None
+    ) -> tuple[Tensor, int]:
         batched = self._batched(layer_input)
         sums = patch_sums_per_sample(batched, self.geometry(layer_input))
         return sums, self.row_count(layer_input) // batched.shape[0]
 
-    def g_sample_sums(self, output_gradient: Tensor, batch_dim: int) -> Tensor:
+    def g_sample_sums(
+        self, output_gradient: Tensor, batch_dim: int, batch_size: int | None = None
+    ) -> Tensor:
         grads = self._batched(output_gradient)
         summed = grads.reshape(grads.shape[0], grads.shape[1], -1).sum(-1)  # [N, C_out]
         return summed.reshape(grads.shape[0], self.blocks, self.out_features).transpose(0, 1)
@@ -426,16 +451,28 @@ class EmbeddingModel(KroneckerModel):
         ids = layer_input.reshape(-1)
         if index is not None:
             ids = ids[index]
-        counts = torch.bincount(ids, minlength=self.in_features)
+        # index_add_ has a fixed output size (bincount reads the maximum id back: a host sync).
+        ones = torch.ones(ids.shape[0], dtype=torch.float64, device=ids.device)
+        counts = torch.zeros(self.in_features, dtype=torch.float64, device=ids.device)
+        counts.index_add_(0, ids, ones)
+        padding_idx = self.spec.detail[0] if self.spec.detail else None
+        if padding_idx is not None:
+            # F.embedding blocks the padding row's gradient: its positions act as inputs x = 0
+            # (they still count in N·T), so that dW = (1/N) Σ g aᵀ holds with this A.
+            counts[padding_idx] = 0.0
         return counts.unsqueeze(0)
 
     def g_rows(self, output_gradient: Tensor, index: Tensor | None) -> Tensor:
         return LinearModel._rows(output_gradient, self.out_features, index)
 
-    def a_sample_sums(self, layer_input: Tensor, batch_dim: int) -> tuple[Tensor, int]:
+    def a_sample_sums(
+        self, layer_input: Tensor, batch_dim: int, batch_size: int | None = None
+    ) -> tuple[Tensor, int]:
         raise NotImplementedError  # pragma: no cover
 
-    def g_sample_sums(self, output_gradient: Tensor, batch_dim: int) -> Tensor:
+    def g_sample_sums(
+        self, output_gradient: Tensor, batch_dim: int, batch_size: int | None = None
+    ) -> Tensor:
         raise NotImplementedError  # pragma: no cover
 
     def to_matrix(self, weight_grad: Tensor | None, bias_grad: Tensor | None) -> Tensor:
