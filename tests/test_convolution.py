@@ -289,7 +289,7 @@ def test_flop_models_and_auto_rule() -> None:
     assert choose_method(geometry, large, threads=2) is CovarianceMethod.CORRELATION
     one_by_one = ConvGeometry.from_call(shape, (64, 32, 1, 1), stride=2)
     assert choose_method(one_by_one, shape, threads=1) is CovarianceMethod.GEMM
-    small_batch = (2, 32, 16, 16)  # 85 MFLOP: fixed costs dominate
+    small_batch = (2, 32, 16, 16)  # FLOP ratio 0.65: the assembly product dominates
     assert choose_method(stride_one, small_batch, threads=1) is CovarianceMethod.GEMM
     small_image = (128, 64, 4, 4)  # FLOP ratio 0.78: border terms dominate
     geometry = ConvGeometry.from_call(small_image, (64, 64, 3, 3), padding=1)
@@ -308,3 +308,13 @@ def test_non_contiguous_input() -> None:
         expected = patch_covariance_sum(x, geometry, append_ones=True, method=method)
         got = patch_covariance_sum(strided, geometry, append_ones=True, method=method)
         assert_close(got, expected, rtol=1e-13, atol=1e-13 * float(expected.abs().max()))
+
+
+def test_auto_rule_avoids_fixed_costs() -> None:
+    """Tiny problems stay on the GEMM: the correlation has ~1 ms of fixed costs (60 operations)."""
+    for shape in [(2, 3, 4, 4), (1, 3, 32, 32)]:  # FLOP ratio 6.6; 1.5 MFLOP < 10 MFLOP
+        geometry = ConvGeometry.from_call(shape, (4, 3, 3, 3), padding=1)
+        assert choose_method(geometry, shape, threads=1) is CovarianceMethod.GEMM
+    shape = (8, 3, 32, 32)  # 12 MFLOP, FLOP ratio 0.25: measured 1.0x and 2.1x faster
+    geometry = ConvGeometry.from_call(shape, (4, 3, 3, 3), padding=1)
+    assert choose_method(geometry, shape, threads=1) is CovarianceMethod.CORRELATION
