@@ -202,13 +202,13 @@ class KFACStrategyMixin:
                 format_table(structure.reports, structure.preconditioned_fraction)
             )
         if first and self.log_figures:
-            self.lightning_module.log(  # type: ignore[attr-defined]
-                "kfac/preconditioned_fraction",
-                structure.preconditioned_fraction,
-                on_step=True,
-                on_epoch=False,
-                batch_size=1,
-            )
+            # Once, straight to the loggers (``self.log`` would repeat it at every log step).
+            trainer = self.lightning_module.trainer  # type: ignore[attr-defined]
+            for logger in trainer.loggers:
+                logger.log_metrics(
+                    {"kfac/preconditioned_fraction": structure.preconditioned_fraction},
+                    step=trainer.global_step,
+                )
 
     def _log_figures(self, pre: KFACPreconditioner) -> None:
         info = pre.last_step_info
@@ -241,7 +241,7 @@ class KFACStrategyMixin:
         self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None
     ) -> None:
         if self.preconditioner is not None:
-            checkpoint["kfac"] = self.preconditioner.state_dict()
+            checkpoint["kfac"] = self.preconditioner.full_state_dict()  # every rank calls it
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)  # type: ignore[misc]
 
     @override

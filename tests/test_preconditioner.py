@@ -247,7 +247,7 @@ def test_coverage_table_is_logged_once(caplog: pytest.LogCaptureFixture) -> None
     model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3)).double()
     pre = KFACPreconditioner(model, kl_clip=None)
     x, y = batch()
-    with caplog.at_level("INFO", logger="lightning_kfac"):
+    with caplog.at_level("DEBUG", logger="lightning_kfac"):
         for _ in range(2):
             model.zero_grad()
             F.cross_entropy(model(x), y).backward()

@@ -234,6 +234,45 @@ class TorchDistributedDistributor(Distributor):
             for side, factor in enumerate(block.factors):
                 factor.set_decomposition(received[(position, side)])
 
+    def share_decompositions(self, blocks: Sequence[Block]) -> Callable[[], None]:
+        """In ``broadcast_gradients`` mode decompositions live on their owners only: broadcast
+        them (and whether each is older than its factor) so that rank 0 can checkpoint them; the
+        returned function drops them again."""
+        if self.mode != DistributionMode.BROADCAST_GRADIENTS:
+            return lambda: None
+        before = [
+            (factor, factor.decomposition, factor.changed_since_decomposition)
+            for block in blocks
+            for factor in block.factors
+        ]
+        for owner in range(self.world_size):
+            members = [b for b in blocks if self.owner(b) == owner and b.has_factors]
+            if not members:
+                continue
+            flags = torch.tensor(
+                [
+                    [float(f.decomposition is not None), float(f.changed_since_decomposition)]
+                    for b in members
+                    for f in b.factors
+                ],
+                device=self._device(members[0]),
+            )
+            broadcast_flat([flags], self._global_rank(owner), self.group, flags.dtype)
+            self._broadcast_decompositions(members, owner)
+            for (present, changed), factor in zip(
+                flags.tolist(), [f for b in members for f in b.factors], strict=True
+            ):
+                if not present:
+                    factor.set_decomposition(None)
+                factor.changed_since_decomposition = bool(changed)
+
+        def restore() -> None:
+            for factor, decomposition, changed in before:
+                factor.decomposition = decomposition
+                factor.changed_since_decomposition = changed
+
+        return restore
+
     # -- use gradients -----------------------------------------------------------------------
     def average_use_gradients(self, blocks: Sequence[Block]) -> None:
         tensors: list[Tensor] = []

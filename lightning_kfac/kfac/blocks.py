@@ -52,12 +52,16 @@ class PendingCall:
 
 @dataclasses.dataclass
 class _SampleSums:
-    """Per-sample sums of one forward (reduce and unit-wise blocks)."""
+    """Per-sample sums of the calls of one forward (reduce and unit-wise blocks).
+
+    Each call adds ``(a_sums, positions, g_sums)``; ``g_sums`` holds the call's samples along
+    ``sample_axis``. Calls over all ``N`` samples of the forward (weight sharing) are summed per
+    sample; calls over fewer samples (disjoint sub-batches, e.g. ghost batch norm or a batch
+    processed in chunks) contribute their samples side by side.
+    """
 
     batch_size: int
-    a_sums: Tensor | None = None
-    positions: int = 0
-    g_sums: Tensor | None = None
+    calls: list[tuple[Tensor | None, int, Tensor]] = dataclasses.field(default_factory=list)
     open_calls: int = 0
 
 
@@ -116,6 +120,9 @@ class Block:
         self.alias_parts: set[str] = set()
         #: Faults of the last decomposition (reported by the preconditioner).
         self.faults: list[str] = []
+        #: A forward mixed calls over all samples with calls over sub-batches (per-sample sums
+        #: then cannot be aligned; samples are taken side by side and the user is told once).
+        self.mixed_sample_calls = False
 
     @property
     def a(self) -> KroneckerFactor:
@@ -213,17 +220,13 @@ class Block:
                 with torch.no_grad():
                     x_hat = pending.normalize(pending.layer_input.to(self.factor_dtype))
                 sample = model.sample_gradients(x_hat, gradient, pending.batch_dim) * scale
-                sums.g_sums = sample if sums.g_sums is None else sums.g_sums + sample
+                sums.calls.append((None, 0, sample))
             else:
                 assert isinstance(model, KroneckerModel) and pending.a_sums is not None
                 sample = (
                     model.g_sample_sums(gradient, pending.batch_dim, pending.batch_size) * scale
                 )
-                sums.g_sums = sample if sums.g_sums is None else sums.g_sums + sample
-                sums.a_sums = (
-                    pending.a_sums if sums.a_sums is None else sums.a_sums + pending.a_sums
-                )
-                sums.positions += pending.positions
+                sums.calls.append((pending.a_sums, pending.positions, sample))
             if sums.open_calls == 0:
                 self._commit_sample_sums(pending.forward_id)
             return
@@ -238,29 +241,41 @@ class Block:
 
     def _commit_sample_sums(self, forward_id: int) -> None:
         sums = self._sample_sums.pop(forward_id)
-        if sums.g_sums is None:
+        if not sums.calls:
             return
-        batch = float(sums.batch_size)
-        if isinstance(self.model, NormModel):
-            u = sums.g_sums.transpose(0, 1)  # [C, N, k]
-            self.factors[0].accumulate(u.mT @ u, batch)
+        unit_wise = isinstance(self.model, NormModel)
+        axis = 0 if unit_wise else 1  # u: [N, C, k]; reduce sums: [B, N, d]
+        sizes = [g.shape[axis] for _, _, g in sums.calls]
+        if all(size == sums.batch_size for size in sizes):  # positions of the same samples
+            a_total = None if unit_wise else sum(a for a, _, _ in sums.calls)  # type: ignore[misc]
+            positions = sum(p for _, p, _ in sums.calls)
+            g_samples = sum(g for _, _, g in sums.calls)
+            a_means = None if unit_wise else a_total / max(positions, 1)  # type: ignore[operator]
+        else:  # disjoint sub-batches: their samples side by side
+            self.mixed_sample_calls |= any(size == sums.batch_size for size in sizes)
+            g_samples = torch.cat([g for _, _, g in sums.calls], dim=axis)
+            a_means = (
+                None if unit_wise else torch.cat([a / max(p, 1) for a, p, _ in sums.calls], dim=1)  # type: ignore[operator]
+            )
+        assert isinstance(g_samples, Tensor)
+        samples = float(g_samples.shape[axis])
+        if unit_wise:
+            u = g_samples.transpose(0, 1)  # [C, N, k]
+            self.factors[0].accumulate(u.mT @ u, samples)
             return
-        assert sums.a_sums is not None and isinstance(self.model, KroneckerModel)
-        calls_positions = max(sums.positions, 1)
-        a_mean = sums.a_sums / calls_positions
+        assert a_means is not None and isinstance(self.model, KroneckerModel)
         a_factor, g_factor = self.factors
         if self.model.a_diagonal:
-            a_stat = linalg.diagonal_sum(a_mean, append_ones=self.model.has_bias)
+            a_stat = linalg.diagonal_sum(a_means, append_ones=self.model.has_bias)
         else:
-            a_stat = linalg.covariance_sum(a_mean, append_ones=self.model.has_bias)
-        g_rows = sums.g_sums
+            a_stat = linalg.covariance_sum(a_means, append_ones=self.model.has_bias)
         g_stat = (
-            linalg.diagonal_sum(g_rows, append_ones=False)
+            linalg.diagonal_sum(g_samples, append_ones=False)
             if self.model.g_diagonal
-            else linalg.covariance_sum(g_rows, append_ones=False)
+            else linalg.covariance_sum(g_samples, append_ones=False)
         )
-        a_factor.accumulate(a_stat, float(a_mean.shape[1]))
-        g_factor.accumulate(g_stat, float(g_rows.shape[1]))
+        a_factor.accumulate(a_stat, samples)
+        g_factor.accumulate(g_stat, samples)
 
     def finish_capture(self) -> None:
         """Commit per-sample sums whose forward still has calls without a gradient."""

@@ -81,6 +81,11 @@ class Distributor:
         a list, so that same-shaped factors are decomposed in one batched call)."""
         decompose(list(blocks))
 
+    def share_decompositions(self, blocks: Sequence[Block]) -> Callable[[], None]:
+        """Make every worker hold every block's current decomposition (for a checkpoint written by
+        one worker); returns the function that undoes it. Called on every worker."""
+        return lambda: None
+
     def average_use_gradients(self, blocks: Sequence[Block]) -> None:
         """Per-use gradients of parameters with several uses: average them over workers."""
 

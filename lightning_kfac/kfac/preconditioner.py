@@ -297,7 +297,9 @@ class KFACPreconditioner:
             self._emit_coverage(structure)
 
     def _emit_coverage(self, structure: Structure) -> None:
-        log.info(format_table(structure.reports, structure.preconditioned_fraction))
+        # The table is for whoever asks (coverage_report(); KFACDDPStrategy prints it on rank 0);
+        # what users must not miss is a parameter left to the optimizer: that is a warning.
+        log.debug(format_table(structure.reports, structure.preconditioned_fraction))
         left = structure.left_to_optimizer()
         if left:
             listed = "; ".join(f"{r.name} ({r.detail})" for r in left)
@@ -682,6 +684,14 @@ class KFACPreconditioner:
         if results is not None:
             counters.append(results)
             labels.append("nonfinite_results")
+        for block in self.blocks.values():
+            if block.mixed_sample_calls:
+                self._warn_once(
+                    f"mixed_samples:{block.name}",
+                    f"K-FAC: {block.name} was called in one forward both on the whole batch and "
+                    "on parts of it; its per-sample sums cannot be aligned, so each call's "
+                    "samples are counted as samples of their own (an approximation)",
+                )
         if not counters:
             return
         values = torch.stack([c.to(torch.int64) for c in counters]).tolist()
@@ -714,7 +724,10 @@ class KFACPreconditioner:
 
     # -- persistence -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Factors (running averages), counters, the structure and the sampling generators."""
+        """Factors (running averages), counters, the structure and the sampling generators.
+
+        Local to this worker: in ``broadcast_gradients`` mode it lacks the decompositions other
+        workers own (use ``full_state_dict()`` on every worker for an exact resume)."""
         blocks: dict[str, Any] = {}
         for block in self.blocks.values():
             blocks[block.name] = {
@@ -729,6 +742,16 @@ class KFACPreconditioner:
             "compute_method": str(self.compute_method),
             "blocks": blocks,
         }
+
+    def full_state_dict(self) -> dict[str, Any]:
+        """``state_dict()`` with every decomposition the run holds on *any* worker: a collective
+        in ``broadcast_gradients`` mode (decompositions live on their owners), so call it on every
+        worker (``KFACDDPStrategy.save_checkpoint`` does). A resumed run then continues exactly."""
+        restore = self.distributor.share_decompositions(list(self.blocks.values()))
+        try:
+            return self.state_dict()
+        finally:
+            restore()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore factors and counters, then recompute the decompositions that were not saved.

@@ -366,13 +366,7 @@ class ConvModel(KroneckerModel):
 
     def row_count(self, layer_input: Tensor) -> int:
         batched = self._batched(layer_input)
-        geometry = self.geometry(layer_input)
-        locations = 1
-        for size, (before, after), k, s, d in zip(
-            batched.shape[2:], geometry.padding, geometry.kernel_size, geometry.stride,
-            geometry.dilation, strict=True,
-        ):  # fmt: skip
-            locations *= (size + before + after - d * (k - 1) - 1) // s + 1
+        locations = math.prod(self.geometry(layer_input).output_size(tuple(batched.shape[2:])))
         return batched.shape[0] * locations
 
     def a_rows(self, layer_input: Tensor, index: Tensor | None) -> Tensor:
