@@ -16,7 +16,7 @@ in round-robin blocks (medians), as fwd+bwd time relative to plain fwd+bwd:
 - ``K-FAC capture``: ``KFACPreconditioner`` capturing every use (tracer + factor math; the
   step itself is not timed).
 
-Models: a TransformerEncoder LM (embedding, 4 layers with MHA, tied head) and the small ResNet of
+Models: the transformer LM (embedding, encoder layers with MHA, tied head) and the CNN of
 ``benchmarks/step_time.py``.
 """
 
@@ -48,34 +48,14 @@ from lightning_kfac.kfac.tracing import (
 )
 
 
-class TransformerLM(nn.Module):
-    def __init__(self, vocab: int = 1000, dim: int = 256, layers: int = 4) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(vocab, dim)
-        layer = nn.TransformerEncoderLayer(dim, 4, 4 * dim, dropout=0.0, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.head = nn.Linear(dim, vocab, bias=False)
-        self.head.weight = self.embedding.weight
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        return self.head(self.encoder(self.embedding(tokens)))
-
-
-def resnet() -> nn.Module:
-    from benchmarks.step_time import make_resnet
-
-    return make_resnet()
-
-
 def workloads() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple[Tensor, Tensor]]]]:
-    def lm_batch() -> tuple[Tensor, Tensor]:
-        tokens = torch.randint(0, 1000, (32, 64))
-        return tokens, tokens
+    """The models and batches of ``benchmarks/step_time.py`` (CNN batch 128, LM 16 × 64)."""
+    from benchmarks.step_time import make_batch, make_model
 
-    def image_batch() -> tuple[Tensor, Tensor]:
-        return torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
-
-    return {"transformer_lm": (TransformerLM, lm_batch), "resnet": (resnet, image_batch)}
+    return {
+        name: (lambda name=name: make_model(name), lambda name=name, b=b: make_batch(name, b))
+        for name, b in (("transformer", 16), ("cnn", 128))
+    }
 
 
 def loss_of(model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:

@@ -1,39 +1,67 @@
-"""Step time of K-FAC against SGD on a small ResNet-style CNN, one process and two.
+"""Step time of K-FAC against SGD, one process and two, next to the FLOP-model bound.
 
-    python benchmarks/step_time.py [--batch-size 128] [--rounds 7] [--steps 20] [--json out.json]
+    python benchmarks/step_time.py                       # both workloads, 1 and 2 processes
+    python benchmarks/step_time.py --reference    # + gpauloski/kfac-pytorch (installed), 1 process
+
+Workloads:
+
+- ``cnn``: 3 × [conv 3×3 + BatchNorm + ReLU (+ 2×2 max-pool)] with 3 → 32 → 64 → 128 channels
+  on 32×32 inputs, global pooling and a linear head; batch 128 per process. The convolutions'
+  ``A`` factors dominate K-FAC's cost; they are exact, built from shifted correlations where
+  that is cheaper (``lightning_kfac.kfac.convolution``).
+- ``transformer``: a Linear-heavy transformer LM (embedding, 2 encoder layers with MHA,
+  d=256, FFN 1024, tied head over 1,000 tokens); batch 16 × 64 tokens per process.
 
 Methods, measured side by side in round-robin blocks (every round times a block of ``--steps``
 steps of each method, so machine-load drift hits all methods alike):
 
 - ``sgd``: forward, backward, SGD step;
-- ``kfac_1_10``: the same plus K-FAC with factors every step, decompositions every 10;
-- ``kfac_10_100``: factors every 10 steps, decompositions every 100;
-- ``*_sampled``: the same with ``factor_max_rows`` (default 1024): each factor batch estimated
-  from that many of the layer's N·T rows (unbiased; see ``KFACPreconditioner``).
+- ``kfac_1_10``: the same plus K-FAC with factors every step, decompositions every 10 (exact);
+- ``kfac_10_100``: factors every 10 steps, decompositions every 100 (exact);
+- ``*_sampled``: with ``factor_max_rows`` (default 1024): each factor batch estimated from that
+  many of a use's N·T rows (unbiased, a different estimator);
+- ``reference_1_10`` / ``reference_10_100`` (``--reference DIR``, one process, CNN): the
+  reference implementation (gpauloski/kfac-pytorch, KAISA) with the same damping, decay and
+  KL-clip. It is not a dependency: point ``--reference`` at a checkout of it.
 
 Two processes run plain ``torch.distributed`` (gloo) with DDP and the K-FAC distributor, each
-rank on its own batch of ``--batch-size``. Reported: the median step time of each method and its
-ratio to SGD, next to the FLOP-model ratio for the same network:
-``(fwd+bwd + factor_flops / f + eigh_flops / i + precondition_flops) / (fwd+bwd)``.
+rank on its own batch. Reported: the median step time of each method and its ratio to SGD, next
+to the FLOP-model ratio ``(fwd+bwd + factors / f + eigh / i + precondition) / (fwd+bwd)`` for the
+same network, with the conv ``A`` costed by the construction the library uses for each layer.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import itertools
 import json
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_kfac import KFACPreconditioner
 from lightning_kfac.distributed import TorchDistributedDistributor
+from lightning_kfac.kfac.convolution import (
+    ConvGeometry,
+    choose_method,
+    patch_covariance_flops,
+)
+
+DAMPING, FACTOR_DECAY, KL_CLIP, LR = 1e-3, 0.95, 1e-3, 0.01
 
 #: method -> (factor interval, inverse interval, sample rows?) or None for plain SGD
 METHODS: dict[str, tuple[int, int, bool] | None] = {
@@ -43,141 +71,194 @@ METHODS: dict[str, tuple[int, int, bool] | None] = {
     "kfac_1_10_sampled": (1, 10, True),
     "kfac_10_100_sampled": (10, 100, True),
 }
+REFERENCE_METHODS = {"reference_1_10": (1, 10), "reference_10_100": (10, 100)}
 
 
-class Block(nn.Module):
-    def __init__(self, channels_in: int, channels_out: int, stride: int) -> None:
+class SmallCNN(nn.Module):
+    """3 × [conv 3×3 + BN + ReLU], 3 → 32 → 64 → 128, pooling, linear head."""
+
+    def __init__(self, classes: int = 10) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(channels_in, channels_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels_out)
-        self.conv2 = nn.Conv2d(channels_out, channels_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels_out)
-        self.shortcut = (
-            nn.Sequential(
-                nn.Conv2d(channels_in, channels_out, 1, stride, bias=False),
-                nn.BatchNorm2d(channels_out),
-            )
-            if stride != 1 or channels_in != channels_out
-            else nn.Identity()
-        )
+        layers: list[nn.Module] = []
+        channels = [3, 32, 64, 128]
+        for index, (c_in, c_out) in enumerate(itertools.pairwise(channels)):
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+            if index < 2:
+                layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(128, classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x), inplace=True)
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
 
 
-def make_resnet(num_classes: int = 10) -> nn.Module:
-    """A small ResNet for 32x32 inputs: stem 16, stages 16/32/64 (one block each), linear head."""
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, 1, 1, bias=False),
-        nn.BatchNorm2d(16),
-        nn.ReLU(inplace=True),
-        Block(16, 16, 1),
-        Block(16, 32, 2),
-        Block(32, 64, 2),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(64, num_classes),
-    )
+class TransformerLM(nn.Module):
+    def __init__(self, vocab: int = 1000, dim: int = 256, layers: int = 2) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, dim)
+        layer = nn.TransformerEncoderLayer(dim, 4, 4 * dim, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.embedding.weight
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.encoder(self.embedding(tokens)))
 
 
+def make_batch(workload: str, batch: int) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    if workload == "cnn":
+        x = torch.randn(batch, 3, 32, 32, generator=generator)
+        return x, torch.randint(0, 10, (batch,), generator=generator)
+    tokens = torch.randint(0, 1000, (batch, 64), generator=generator)
+    return tokens, tokens
+
+
+def make_model(workload: str) -> nn.Module:
+    torch.manual_seed(0)
+    return SmallCNN() if workload == "cnn" else TransformerLM()
+
+
+def loss_of(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    out = model(x)
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+# -- FLOP model --------------------------------------------------------------------------------
 def flop_model(
-    model: nn.Module,
+    workload: str,
     batch: int,
     factor_interval: int,
     inverse_interval: int,
     max_rows: int | None = None,
 ) -> dict[str, float]:
-    """FLOPs per step: forward+backward (3x forward multiply-adds x2), K-FAC's factor GEMMs
-    (2·d²·rows for A and G), symmetric eigendecompositions (~9·d³ each: tridiagonalisation plus
-    eigenvectors) and preconditioning (two matrix products each side of dW, every step)."""
-    shapes: dict[nn.Module, tuple[int, int]] = {}
+    """FLOPs per step from the library's own blocks (traced on one forward).
 
-    def hook(module: nn.Module, inputs, output) -> None:
-        shapes[module] = tuple(output.shape)  # type: ignore[assignment]
+    Forward+backward: 3 × the forward multiply-adds × 2 of every linear/conv use (embeddings are
+    lookups). Factors: per dense side ``2·rows·d²`` (a GEMM over the use's rows; a conv ``A``
+    costs what ``patch_covariance_flops`` says for the construction ``choose_method`` picks),
+    ``2·rows·d`` per diagonal side, ``2·k²`` per sample and channel for a unit-wise block.
+    Decompositions: ``9·d³`` per dense side. Preconditioning: ``4·d_G²·d_A + 4·d_G·d_A²``.
+    """
+    from benchmarks.scale_model import trace
 
-    handles = [
-        m.register_forward_hook(hook)
-        for m in model.modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear))
-    ]
-    with torch.no_grad():
-        model(torch.zeros(batch, 3, 32, 32))
+    model = make_model(workload)
+    x, _ = make_batch(workload, batch)
+    inputs: dict[str, tuple[int, ...]] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+
+            def hook(module: nn.Module, args: Any, name: str = name) -> None:
+                inputs[name] = tuple(args[0].shape)
+
+            handles.append(module.register_forward_pre_hook(hook))
+    blocks = trace(model, (x,), batch_size=batch)
     for handle in handles:
         handle.remove()
+    modules = dict(model.named_modules())
     forward = factors = eigh = precondition = 0.0
-    for module, shape in shapes.items():
-        if isinstance(module, nn.Conv2d):
-            fan_in = (
-                module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
-            )
-            rows = batch * shape[2] * shape[3]
-            d_out = module.out_channels
-        else:
-            fan_in, rows, d_out = module.in_features, batch, module.out_features
-        d_a = fan_in + int(module.bias is not None)
-        forward += 2.0 * fan_in * d_out * rows
-        factors += 2.0 * min(rows, max_rows or rows) * (d_a**2 + d_out**2)
-        eigh += 9.0 * (d_a**3 + d_out**3)
-        precondition += 4.0 * (d_out**2 * d_a + d_out * d_a**2)
+    for block in blocks:
+        forward += batch * block.forward_flops
+        precondition += block.precondition_flops
+        eigh += block.eigh_flops
+        rows = batch * block.rows
+        if block.kind == "norm":
+            factors += batch * block.factor_flops
+            continue
+        site = block.name.split("@")[0].removesuffix(".weight")
+        module = modules.get(site)
+        a, g = block.factors
+        sampled_rows = min(rows, max_rows) if max_rows else rows
+        g_flops = 2.0 * sampled_rows * g.blocks * g.dim * (1 if g.diagonal else g.dim)
+        a_flops = 2.0 * sampled_rows * a.blocks * a.dim * (1 if a.diagonal else a.dim)
+        if isinstance(module, nn.Conv2d) and not max_rows and not a.diagonal:
+            geometry = ConvGeometry.from_call(
+                inputs[site], tuple(module.weight.shape), module.stride, module.padding,
+                module.dilation, module.groups,
+            )  # fmt: skip
+            method = choose_method(geometry, inputs[site])
+            a_flops = patch_covariance_flops(geometry, inputs[site], method)
+        factors += a_flops + g_flops
     fwd_bwd = 3.0 * forward
     kfac = fwd_bwd + factors / factor_interval + eigh / inverse_interval + precondition
     return {
         "fwd_bwd_flops": fwd_bwd,
         "factor_flops": factors,
         "eigh_flops": eigh,
+        "precondition_flops": precondition,
         "ratio": kfac / fwd_bwd,
     }
 
 
+# -- steps ------------------------------------------------------------------------------------
 def make_step(
-    model: nn.Module, method: str, batch: int, distributed: bool, max_rows: int
+    workload: str, method: str, batch: int, distributed: bool, max_rows: int
 ) -> Callable[[], None]:
-    torch.manual_seed(0)
-    x = torch.randn(batch, 3, 32, 32)
-    y = torch.randint(0, 10, (batch,))
+    model = make_model(workload)
+    x, y = make_batch(workload, batch)
     trained = nn.parallel.DistributedDataParallel(model) if distributed else model
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    pre = None
-    if METHODS[method] is not None:
-        factor_interval, inverse_interval, sampled = METHODS[method]
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    step_kfac: Callable[[], None] | None = None
+    if method in REFERENCE_METHODS:
+        kfac = importlib.import_module("kfac.preconditioner")
+        factor_interval, inverse_interval = REFERENCE_METHODS[method]
+        reference = kfac.KFACPreconditioner(
+            model,
+            factor_update_steps=factor_interval,
+            inv_update_steps=inverse_interval,
+            damping=DAMPING,
+            factor_decay=FACTOR_DECAY,
+            kl_clip=KL_CLIP,
+            lr=LR,
+        )
+        step_kfac = reference.step
+    elif METHODS[method] is not None:
+        factor_interval, inverse_interval, sampled = METHODS[method]  # type: ignore[misc]
+        distributor = None
+        if distributed:
+            distributor = TorchDistributedDistributor(group=dist.new_group(backend="gloo"))
         pre = KFACPreconditioner(
             model,
             optimizer=optimizer,
+            damping=DAMPING,
+            factor_decay=FACTOR_DECAY,
+            kl_clip=KL_CLIP,
             factor_update_interval=factor_interval,
             inverse_update_interval=inverse_interval,
             factor_max_rows=max_rows if sampled else None,
+            distributor=distributor,
+            report=False,
         )
-        if distributed:
-            pre.distributor = TorchDistributedDistributor(
-                list(pre.layers.values()),
-                method=pre.compute_method,
-                inverse_dtype=pre.inverse_dtype,
-                group=dist.new_group(backend="gloo"),
-            )
-            pre.is_final_backward = lambda: True
+        pre.is_final_backward = lambda: True
+        step_kfac = pre.step
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(trained(x), y).backward()
-        if pre is not None:
-            pre.step()
+        loss_of(trained, x, y).backward()
+        if step_kfac is not None:
+            step_kfac()
         optimizer.step()
 
     return step
 
 
 def measure(
-    batch: int, rounds: int, steps: int, distributed: bool, max_rows: int
+    workload: str,
+    methods: list[str],
+    batch: int,
+    rounds: int,
+    steps: int,
+    distributed: bool,
+    max_rows: int,
 ) -> dict[str, list[float]]:
     """Per-step times (seconds) of every method, round-robin over ``rounds`` blocks."""
     steppers = {}
-    for method in METHODS:
-        torch.manual_seed(0)
-        steppers[method] = make_step(make_resnet(), method, batch, distributed, max_rows)
+    for method in methods:
+        steppers[method] = make_step(workload, method, batch, distributed, max_rows)
         for _ in range(3):  # warm-up, includes the first factor and inverse updates
             steppers[method]()
-    times: dict[str, list[float]] = {method: [] for method in METHODS}
+    times: dict[str, list[float]] = {method: [] for method in methods}
     for _ in range(rounds):
         for method, step in steppers.items():
             if distributed:
@@ -192,25 +273,26 @@ def measure(
 
 
 def summarise(
-    times: dict[str, list[float]], batch: int, max_rows: int
+    workload: str, times: dict[str, list[float]], batch: int, max_rows: int
 ) -> dict[str, dict[str, float]]:
     sgd = statistics.median(times["sgd"])
     summary = {}
     for method, values in times.items():
         median = statistics.median(values)
         entry = {"median_step_s": median, "ratio_to_sgd": median / sgd}
-        spec = METHODS[method]
+        spec = METHODS.get(method)
         if spec is not None:
             factor_interval, inverse_interval, sampled = spec
             model = flop_model(
-                make_resnet(),
-                batch,
-                factor_interval,
-                inverse_interval,
-                max_rows if sampled else None,
+                workload, batch, factor_interval, inverse_interval, max_rows if sampled else None
             )
             entry["flop_model_ratio"] = model["ratio"]
         summary[method] = entry
+    reference = summary.get("reference_1_10")
+    if reference is not None:
+        summary["kfac_1_10"]["fraction_of_reference"] = (
+            summary["kfac_1_10"]["median_step_s"] / reference["median_step_s"]
+        )
     return summary
 
 
@@ -220,63 +302,104 @@ def _worker(rank: int, world_size: int, args: argparse.Namespace, queue: mp.Queu
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        times = measure(
-            args.batch_size,
-            args.rounds,
-            args.steps,
-            distributed=True,
-            max_rows=args.factor_max_rows,
-        )
+        results = {}
+        for workload in args.workloads:
+            results[workload] = measure(
+                workload,
+                list(METHODS),
+                args.batch_size[workload],
+                args.rounds,
+                args.steps,
+                distributed=True,
+                max_rows=args.factor_max_rows,
+            )
         if rank == 0:
-            queue.put(times)
+            queue.put(results)
     finally:
         dist.destroy_process_group()
 
 
-def main() -> None:
+def print_table(title: str, summary: dict[str, dict[str, float]]) -> None:
+    print(f"\n{title}")
+    print(f"{'method':<22}{'step (ms)':>10}{'x SGD':>8}{'FLOP model':>12}")
+    for method, entry in summary.items():
+        model_ratio = f"{entry['flop_model_ratio']:.2f}" if "flop_model_ratio" in entry else "-"
+        step_ms = 1000 * entry["median_step_s"]
+        print(f"{method:<22}{step_ms:>10.1f}{entry['ratio_to_sgd']:>8.2f}{model_ratio:>12}")
+    if "fraction_of_reference" in summary.get("kfac_1_10", {}):
+        share = summary["kfac_1_10"]["fraction_of_reference"]
+        print(f"kfac_1_10 / reference_1_10 = {share:.2f} (speed-up {1 / share:.2f}x)")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--workloads", nargs="+", default=["cnn", "transformer"])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=20, help="steps per timed block (>= 10)")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--factor-max-rows", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=None, help="1 process: torch threads")
+    parser.add_argument(
+        "--reference",
+        nargs="?",
+        const="",
+        default=None,
+        help="also time gpauloski/kfac-pytorch: its importable `kfac` package, or a checkout DIR",
+    )
     parser.add_argument("--port", type=int, default=29533)
     parser.add_argument("--json", default="benchmarks/step_time.json")
-    args = parser.parse_args()
-    results: dict[str, object] = {
-        "batch_size": args.batch_size,
+    args = parser.parse_args(argv)
+    args.batch_size = {"cnn": 128, "transformer": 16}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.reference:  # a checkout to import `kfac` from
+        sys.path.insert(0, str(Path(args.reference).resolve()))
+    results: dict[str, Any] = {
+        "command": "python benchmarks/step_time.py " + " ".join(argv or sys.argv[1:]),
+        "batch_size_per_process": args.batch_size,
         "rounds": args.rounds,
         "steps": args.steps,
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "threads_one_process": torch.get_num_threads(),
         "cpus": os.cpu_count(),
+        "load_average_at_start": os.getloadavg(),
     }
     for world_size in args.processes:
         if world_size == 1:
-            times = measure(
-                args.batch_size, args.rounds, args.steps, False, max_rows=args.factor_max_rows
-            )
+            per_workload = {}
+            for workload in args.workloads:
+                methods = list(METHODS)
+                if args.reference is not None and workload == "cnn":
+                    methods += list(REFERENCE_METHODS)
+                per_workload[workload] = measure(
+                    workload,
+                    methods,
+                    args.batch_size[workload],
+                    args.rounds,
+                    args.steps,
+                    False,
+                    max_rows=args.factor_max_rows,
+                )
         else:
             context = mp.get_context("spawn")
             queue = context.Queue()
             mp.start_processes(
                 _worker, args=(world_size, args, queue), nprocs=world_size, start_method="spawn"
             )
-            times = queue.get()
-        summary = summarise(times, args.batch_size, args.factor_max_rows)
-        results[f"processes_{world_size}"] = {"summary": summary, "times_s": times}
-        print(
-            f"\n{world_size} process(es), batch {args.batch_size} per process, "
-            f"median of {args.rounds} blocks of {args.steps} steps"
-        )
-        print(f"{'method':<21}{'step (ms)':>10}{'x SGD':>8}{'FLOP model':>12}")
-        for method, entry in summary.items():
-            model_ratio = f"{entry['flop_model_ratio']:.2f}" if "flop_model_ratio" in entry else "-"
-            step_ms = 1000 * entry["median_step_s"]
-            print(f"{method:<21}{step_ms:>10.1f}{entry['ratio_to_sgd']:>8.2f}{model_ratio:>12}")
+            per_workload = queue.get()
+        for workload, times in per_workload.items():
+            summary = summarise(workload, times, args.batch_size[workload], args.factor_max_rows)
+            results[f"{workload}_processes_{world_size}"] = {"summary": summary, "times_s": times}
+            print_table(
+                f"{workload}, {world_size} process(es), batch {args.batch_size[workload]} per "
+                f"process, median of {args.rounds} blocks of {args.steps} steps",
+                summary,
+            )
+    results["load_average_at_end"] = os.getloadavg()
     with open(args.json, "w") as handle:
         json.dump(results, handle, indent=2)
     print(f"\nwrote {args.json}")
+    return results
 
 
 if __name__ == "__main__":

@@ -68,8 +68,9 @@ def per_sample_factors(
     For each sample ``n`` the model runs alone; ``x`` is the layer input reshaped to
     ``[T, d_in]`` (a ``1`` appended with bias), ``g = ∂l_n/∂s`` the gradient of that sample's loss
     w.r.t. the layer output (``[T, d_out]``). Then ``A = Σ a a^T / (N T)``, ``G = Σ g g^T / N``,
-    ``dW = Σ g a^T / N`` — DESIGN §2 with the sums over ``t`` written out. Valid for layers whose
-    output rows correspond to input rows (Linear); Conv2d has its own loop in ``test_conv2d``.
+    ``dW = Σ g a^T / N`` — docs/design.md §2 with the sums over ``t`` written out. Valid for
+    layers whose output rows correspond to input rows (Linear); Conv2d has its own loop in
+    ``test_conv2d``.
     """
     captured: dict[str, Tensor] = {}
 

@@ -1,7 +1,7 @@
 """Weight sharing, tied parameters and twins against dense float64 math (issue 8).
 
 - A layer called ``T`` times in one forward is one use with ``T`` positions: it must equal one
-  call on the concatenated ``(N, T, d)`` input (expand and reduce, DESIGN §2).
+  call on the concatenated ``(N, T, d)`` input (expand and reduce, docs/design.md §2).
 - One parameter used by different sites (tied embedding / LM head, two ``nn.Linear`` sharing a
   weight) keeps per-use factors; its step is the sum over uses of each use's dense Kronecker solve
   — what the untied twin (two parameters) gets, summed.

@@ -1,7 +1,7 @@
 """KFACDDPStrategy through Lightning with real gloo processes (``ddp_fork``), never mocked.
 
-The central invariant (DESIGN §2): R ranks × B samples give the same parameters as 1 rank × R·B
-samples, after several K-FAC steps.
+The central invariant (docs/design.md §8): R ranks × B samples give the same parameters as
+1 rank × R·B samples, after several K-FAC steps.
 """
 
 from __future__ import annotations

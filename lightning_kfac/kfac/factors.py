@@ -11,7 +11,7 @@ Each factor update goes through three stages:
 2. ``take_sum()`` — the step's ``(Σ, count)``; a distributed runner all-reduces both (so ranks
    are weighted by what they captured), then ``batch = Σ / count``.
 3. ``update(batch, decay)`` — running average ``F ← decay·F + (1 − decay)·batch``; the first
-   accepted batch sets ``F = batch`` (DESIGN §2).
+   accepted batch sets ``F = batch`` (docs/design.md §2).
 
 Everything in stage 3 stays on the device: a batch that is not finite (or a step the caller marks
 as rejected) leaves ``F`` unchanged through ``torch.where``, with no host synchronisation; the
