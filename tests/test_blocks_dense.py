@@ -4,8 +4,9 @@ Every reference here is computed without the library: per-sample loops that run 
 and differentiate its loss with ``torch.autograd.grad`` (``g_n = ∂l_n/∂s``, docs/design.md §2),
 explicit one-hot matrices, explicit patch loops, ``torch.kron`` and ``torch.linalg.solve``. Each
 formula reference also reproduces autograd's gradient of the whole batch
-(``dW = (1/N) Σ g aᵀ``), which checks the reference itself; each test also checks that a deliberately wrong reference (another
-convention, a missing step) would differ, so that it can fail.
+(``dW = (1/N) Σ g aᵀ``), which checks the reference itself; each test also checks that a
+deliberately wrong reference (another convention, a missing step) would differ, so that it can
+fail.
 """
 
 from __future__ import annotations
