@@ -29,7 +29,8 @@ if __package__ in (None, ""):  # `python examples/train.py`: make `examples` imp
 
 from examples.data import make_datamodule
 from examples.model import Classifier
-from lightning_kfac import KFACDDPStrategy, MixupCallback
+from lightning_kfac import KFACDDPStrategy, KFACOptions, MixupCallback
+from lightning_kfac.cli import add_kfac_arguments, kfac_options_from_args
 from lightning_kfac.strategy import STRATEGY_NAMES
 
 
@@ -159,9 +160,11 @@ class History(pl.Callback):
                 wandb.finish()  # forked workers exit without atexit hooks: close the run here
 
 
-def make_strategy(name: str, devices: int, kfac_options: dict[str, Any]) -> Any:
+def make_strategy(name: str, devices: int, kfac_options: KFACOptions | dict[str, Any]) -> Any:
     """A ``KFACDDPStrategy`` for the ``kfac_ddp*`` names (with K-FAC options), else the name."""
     if name in STRATEGY_NAMES:
+        if isinstance(kfac_options, KFACOptions):
+            return KFACDDPStrategy(kfac_options, start_method=STRATEGY_NAMES[name])
         return KFACDDPStrategy(start_method=STRATEGY_NAMES[name], **kfac_options)
     return name
 
@@ -181,7 +184,7 @@ def fit_run(
     num_nodes: int = 1,
     precision: str = "32-true",
     mixup_alpha: float = 0.0,
-    kfac_options: dict[str, Any] | None = None,
+    kfac_options: KFACOptions | dict[str, Any] | None = None,
     seed: int = 0,
     logger: Any = None,
     history_path: Path,
@@ -228,7 +231,7 @@ def fit_run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="digits", choices=["digits", "teacher", "cifar10"])
     parser.add_argument("--data-dir")
     parser.add_argument("--batch-size", type=int, default=64, help="global batch size")
@@ -250,18 +253,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trainer.devices", dest="devices", type=int, default=1)
     parser.add_argument("--trainer.num_nodes", dest="num_nodes", type=int, default=1)
     parser.add_argument("--trainer.precision", dest="precision", default="32-true")
-    parser.add_argument("--kfac.damping", dest="damping", type=float, default=1e-2)
-    parser.add_argument(
-        "--kfac.factor_update_interval", dest="factor_interval", type=int, default=1
-    )
-    parser.add_argument(
-        "--kfac.inverse_update_interval", dest="inverse_interval", type=int, default=10
-    )
+    # --kfac.<name> for every K-FAC option, validated by KFACOptions (this example's damping
+    # default is 1e-2, tuned on digits).
+    add_kfac_arguments(parser, KFACOptions(damping=1e-2))
     parser.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off)")
     parser.add_argument("--logger", default="wandb", choices=["wandb", "csv"])
     parser.add_argument("--out", default="runs/train")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    try:
+        kfac_options = kfac_options_from_args(args)
+    except ValueError as error:  # a bad --kfac.* value: usage message, not a traceback
+        parser.error(str(error))
     out = Path(args.out)
     name = f"{args.data}-{args.strategy}-b{args.batch_size}" + (
         f"-mixup{args.mixup}" if args.mixup else ""
@@ -280,11 +283,7 @@ def main(argv: list[str] | None = None) -> None:
         num_nodes=args.num_nodes,
         precision=args.precision,
         mixup_alpha=args.mixup,
-        kfac_options=dict(
-            damping=args.damping,
-            factor_update_interval=args.factor_interval,
-            inverse_update_interval=args.inverse_interval,
-        ),
+        kfac_options=kfac_options,
         seed=args.seed,
         logger=make_logger(args.logger, out, "lightning-kfac", name),
         history_path=out / f"{name}.json",
