@@ -41,3 +41,17 @@ def _restore_default_dtype() -> Iterator[None]:
     dtype = torch.get_default_dtype()
     yield
     torch.set_default_dtype(dtype)
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_function_mode() -> Iterator[None]:
+    """K-FAC's tracing ``TorchFunctionMode`` must never outlive a forward: a leaked mode would run
+    every later torch call (and forked workers') through a stale tracer. Fail the test that
+    leaks it, and pop it so the rest of the suite is unaffected."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    yield
+    leaked = len(_get_current_function_mode_stack())
+    while _get_current_function_mode_stack():
+        torch._C._pop_torch_function_stack()
+    assert leaked == 0, f"{leaked} torch function mode(s) left active by the test"

@@ -225,14 +225,23 @@ class TorchDistributedDistributor(Distributor):
         if sending:
             self.broadcast_bytes += sent
         # Every rank, the owner included, keeps exactly the tensors that travelled (same dtype,
-        # same layout, NaN for a failed decomposition, which then leaves the raw gradient on the
-        # device): replicas precondition with identical operands.
+        # same layout): replicas precondition with identical operands.
         received: dict[tuple[int, int], dict[str, Tensor]] = {}
         for position, side, name, tensor in slots:
             received.setdefault((position, side), {})[name] = tensor
-        for position, block in enumerate(blocks):
-            for side, factor in enumerate(block.factors):
-                factor.set_decomposition(received[(position, side)])
+        # A decomposition that failed travelled as NaN: every rank drops it alike (one host read
+        # per broadcast, on inverse-update steps), so every rank retries it at the next step.
+        keys = [(p, s) for p, b in enumerate(blocks) for s in range(len(b.factors))]
+        finite = torch.stack(
+            [
+                torch.stack([torch.isfinite(t).all() for t in received[k].values()]).all()
+                for k in keys
+            ]
+        ).tolist()
+        for (position, side), ok in zip(keys, finite, strict=True):
+            blocks[position].factors[side].set_decomposition(
+                received[(position, side)] if ok else None
+            )
 
     def share_decompositions(self, blocks: Sequence[Block]) -> Callable[[], None]:
         """In ``broadcast_gradients`` mode decompositions live on their owners only: broadcast

@@ -287,7 +287,7 @@ class KFACPreconditioner:
             blocks[spec] = block
         self.blocks = {block.name: block for block in blocks.values()}
         self.structure = structure
-        self.capture.set_structure(blocks, structure.sites)
+        self.capture.set_structure(blocks, [*structure.sites, *self._unseen_owners(specs)])
         self.distributor.setup(list(self.blocks.values()), self.compute_method, self.inverse_dtype)
         self._restructure = False
         if self._pending_state is not None:
@@ -295,6 +295,19 @@ class KFACPreconditioner:
             self._load_block_state(state)
         if self._report:
             self._emit_coverage(structure)
+
+    def _unseen_owners(self, specs: list[UseSpec]) -> list[str]:
+        """Modules owning tracked parameters that no use (supported or not) touched yet: they stay
+        traced, so that a use first made later (a branch) is seen and picked up."""
+        seen = {part.name for spec in specs for part in spec.parts} | set(self.capture.unsupported)
+        owners = []
+        for module_name, module in self.model.named_modules():
+            for param_name, _ in module.named_parameters(recurse=False):
+                full = f"{module_name}.{param_name}" if module_name else param_name
+                if module_name and full in self.tracked and full not in seen:
+                    owners.append(module_name)
+                    break
+        return owners
 
     def _emit_coverage(self, structure: Structure) -> None:
         # The table is for whoever asks (coverage_report(); KFACDDPStrategy prints it on rank 0);
@@ -377,11 +390,13 @@ class KFACPreconditioner:
             self.fix_structure()
         finite = self._check_gradients(grad_scale)
         inverse_step = step % self.options.inverse_update_interval == 0
-        if inverse_step and self.capture.unexpected:
-            self._pick_up_unexpected()
         if step % self.options.factor_update_interval == 0:
             with self._timed("factors"):
                 self.update_factors(accept=finite)
+        if inverse_step:
+            # Every worker, every inverse step (an agreement, whatever each saw), after the factor
+            # reduction has finished (its buckets are launched in different places on each rank).
+            self._pick_up_unexpected()
         with self._timed("inverses"):
             # Off-schedule, only blocks whose first factors just arrived or whose decomposition
             # failed last time.
@@ -640,8 +655,8 @@ class KFACPreconditioner:
         new = self.distributor.agree_on_new_uses(
             sorted(self.capture.unexpected, key=self._spec_key)
         )
+        self.capture.unexpected = {}
         if not new:
-            self.capture.unexpected = {}
             return
         for spec in new:
             self.capture.discovered.setdefault(spec)
@@ -792,9 +807,18 @@ class KFACPreconditioner:
                     zip(block.factors, entry["factors"], strict=True)
                 ):
                     factor.check_state(saved, f"{name}[{index}]")
+                # The first resumed forward samples rows before the state is applied in step().
+                self._restore_generators(block, entry.pop("generators", {}))
             self._pending_state = state
             return
         self._load_block_state(state)
+
+    @staticmethod
+    def _restore_generators(block: Block, states: dict[str, Tensor]) -> None:
+        for key, generator_state in states.items():
+            generator = torch.Generator(device=key)
+            generator.set_state(generator_state)
+            block.generators[key] = generator
 
     def _load_block_state(self, state: dict[str, Any]) -> None:
         by_spec = {block.spec: block for block in self.blocks.values()}
@@ -820,10 +844,7 @@ class KFACPreconditioner:
                 if not same_method:
                     saved = {k: v for k, v in saved.items() if k != "decomposition"}
                 factor.load_state_dict(saved, device)
-            for key, generator_state in entry.get("generators", {}).items():
-                generator = torch.Generator(device=key)
-                generator.set_state(generator_state)
-                block.generators[key] = generator
+            self._restore_generators(block, entry.get("generators", {}))
         missing = [b for b in self.blocks.values() if b.has_factors and not b.has_decomposition]
         if missing and self.last_inverse_step is not None:
             current = self.steps

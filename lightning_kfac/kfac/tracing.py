@@ -490,7 +490,7 @@ class UseTracker:
         self._root_handles: list[RemovableHandle] = []
         self._site_handles: list[RemovableHandle] = []
         self.discovering = False
-        self._root_active = False
+        self._root_frames: list[bool] = []
         self._root_handles.append(
             root.register_forward_pre_hook(self._root_pre, with_kwargs=True, prepend=True)
         )
@@ -511,13 +511,16 @@ class UseTracker:
         self.site_stack.pop()
 
     def _root_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self._root_active = self.on_forward_start(args, kwargs)
-        if self._root_active:
+        # Root calls nest (Lightning calls training_step through the module's __call__, and
+        # training_step calls self(x)): only the outermost one starts a micro-batch, and a stack
+        # pairs every pre hook with its post hook.
+        active = self.on_forward_start(args, kwargs) if not self._root_frames else False
+        self._root_frames.append(active)
+        if active:
             self._enter("")
 
     def _root_post(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self._root_active:
-            self._root_active = False
+        if self._root_frames and self._root_frames.pop():
             self._exit()
 
     def _site_pre(self, module: nn.Module, args: Any) -> None:
@@ -561,3 +564,7 @@ class UseTracker:
         for handle in self._root_handles + self._site_handles:
             handle.remove()
         self._root_handles, self._site_handles = [], []
+        while self._depth:  # removed mid-forward (an exception): never leave the mode pushed
+            self._exit()
+        self._root_frames.clear()
+        self._site_frames.clear()
