@@ -117,10 +117,9 @@ def make_logger(
 
 
 #: Power iteration for the sharpness: at most this many Hessian-vector products, stopping when the
-#: estimate changes by less than the tolerance (relative) — 1% is ample for comparisons between
-#: runs whose eigenvalues differ by factors.
-SHARPNESS_ITERATIONS = 20
-SHARPNESS_TOLERANCE = 1e-2
+#: estimate changes by less than the tolerance (relative).
+SHARPNESS_ITERATIONS = 30
+SHARPNESS_TOLERANCE = 1e-3
 
 
 class History(pl.Callback):
