@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 import warnings
@@ -17,7 +18,10 @@ from examples.study_report import (
     README_BEGIN,
     README_END,
     compare,
+    comparison_table,
+    readme_section,
     replace_between_markers,
+    sweep_table,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,3 +159,17 @@ def test_replace_between_markers() -> None:
     )
     with pytest.raises(ValueError, match="study:begin"):
         replace_between_markers("no markers", "x")
+
+
+def test_readme_and_docs_are_what_the_published_run_produced() -> None:
+    """No hand-edited numbers: the README's study section and docs/study/*.md are rendered from
+    docs/study/study.json exactly as ``--write-docs`` does."""
+    report = json.loads((ROOT / "docs" / "study" / "study.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    begin, end = readme.index(README_BEGIN), readme.index(README_END) + len(README_END)
+    assert readme[begin:end] == readme_section(report)
+    assert (ROOT / "docs/study/table.md").read_text() == comparison_table(report) + "\n"
+    assert (ROOT / "docs/study/sweep.md").read_text() == sweep_table(report) + "\n"
+    assert report["command"] in readme[begin:end]
+    for figure in ("accuracy.png", "batch_sweep.png"):
+        assert (ROOT / "docs" / "study" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
