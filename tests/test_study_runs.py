@@ -4,6 +4,7 @@ and the ``--quick`` study as a user runs it (console, runtime, figures)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 #: A small study that still tunes and runs K-FAC + mixup (every source of randomness we have).
@@ -93,10 +95,16 @@ def test_reruns_are_identical_and_wandb_runs_are_grouped(
 ) -> None:
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
     from examples.large_batch_study import main
 
+    lightning_level = logging.getLogger("pytorch_lightning").level
     first = main([*TINY, "--out", str(tmp_path / "first")])
     second = main([*TINY, "--out", str(tmp_path / "second")])
+    # the caller's process is left as it was
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert logging.getLogger("pytorch_lightning").level == lightning_level
+    assert "PL_GLOBAL_SEED" not in os.environ and torch.get_num_threads() == 1
     saved = [json.loads((tmp_path / n / "study.json").read_text()) for n in ("first", "second")]
     assert without_timings(saved[0]) == without_timings(saved[1])
     assert without_timings(saved[0]) == without_timings(first)
