@@ -598,8 +598,8 @@ def run_and_report(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     print(
         f"large-batch study on digits ({name} sweep): {plural(len(points), 'point')} × "
         f"({len(preset.lr_grid) if len(preset.lr_grid) > 1 else 0} tuning + "
-        f"{plural(preset.seeds, 'seed')}), {preset.epochs} epochs, {args.devices} CPU ranks × "
-        f"{plural(THREADS_PER_RANK, 'thread')}; results in {out}",
+        f"{plural(preset.seeds, 'seed')}), {plural(preset.epochs, 'epoch')}, "
+        f"{args.devices} CPU ranks × {plural(THREADS_PER_RANK, 'thread')}; results in {out}",
         flush=True,
     )
     started, cpu_before, load = time.perf_counter(), cpu_seconds(), os.getloadavg()[0]

@@ -429,7 +429,7 @@ def plot_batch_sweep(report: dict[str, Any], path: Path) -> None:
     left.set_ylabel("test accuracy (mean ± std over seeds)")
     left.set_title(f"test accuracy after {report['preset']['epochs']} epochs")
     left.legend(loc="lower left")
-    notes = [f"not all runs reached loss {level:g}: " + ", ".join(missing)] if missing else []
+    notes = [f"not all runs reached loss {level:g}: " + short_list(missing)] if missing else []
     if right.has_data():
         right.set_yscale("log")
         notes += clip_outliers(right, report["points"], level)
@@ -440,6 +440,12 @@ def plot_batch_sweep(report: dict[str, Any], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def short_list(items: list[str], shown: int = 3) -> str:
+    """``items`` joined by commas, at most ``shown`` of them (then "and N more")."""
+    rest = len(items) - shown
+    return ", ".join(items[:shown]) + (f" and {rest} more" if rest > 0 else "")
 
 
 def clip_outliers(axes: Any, points: list[Point], level: float) -> list[str]:
