@@ -1,257 +1,647 @@
 """The main job: does K-FAC + mixup close the large-batch gap? A study on real data, on 2 CPU ranks.
 
-    python examples/large_batch_study.py           # 5 seeds, tuned lr (≤ 10 min on 2 cores)
-    python examples/large_batch_study.py --quick   # 2 seeds, no tuning, 8 epochs (≤ 2 min)
+    python examples/large_batch_study.py               # comparison + reduced batch sweep (≤ 10 min)
+    python examples/large_batch_study.py --sweep full  # more batch sizes and seeds (its own budget)
+    python examples/large_batch_study.py --quick       # the tests' run (≤ 2 min)
+    python examples/large_batch_study.py --write-docs  # then rewrite docs/study and the README
+    python examples/large_batch_study.py --render-only --write-docs  # the same from runs/study
 
-Methods, all with the same epoch budget on scikit-learn's digits (real 8x8 images):
+Methods, all with the same epoch budget on scikit-learn's digits (real 8x8 images, 1,347
+training / 450 test images):
 
-- ``sgd_small``: SGD with momentum at the small batch (32);
-- ``sgd_large``: SGD at the large batch (512), LEGW scaling (You et al. 2019): peak LR × √k and
-  warmup epochs × k, with k = 16;
-- ``kfac_large``: the same large batch with ``KFACDDPStrategy``;
-- ``kfac_mixup_large``: K-FAC plus ``MixupCallback(alpha=0.4)`` (Naganuma & Yokota 2019).
+- ``sgd``: SGD with momentum, LEGW scaling (You et al. 2019) from batch 32: peak LR × √k and
+  warmup epochs × k at batch ``32·k``;
+- ``kfac``: the same with ``KFACDDPStrategy``;
+- ``kfac_mixup``: K-FAC plus ``MixupCallback(alpha=0.4)`` (Naganuma & Yokota 2019).
 
-Fair tuning: every method gets the same number of learning-rate trials (the same grid of base
-learning rates), scored on a validation split held out of the *training* set; the test set is
-only used for the final runs. Every training runs on ``--devices`` CPU ranks (gloo) and is logged
-to W&B (offline without an API key).
+Two views of the same runs: the *comparison* (SGD at batch 32 and 512, K-FAC and K-FAC + mixup at
+512: ``table.md``, ``accuracy.png``) and the *batch sweep* (test accuracy and sharpness against the
+batch size, from 32 to the full training set: ``batch_sweep.png``). Each (method, batch) point is
+tuned alike: the same grid of base learning rates, one run each on a validation split held out of
+the *training* set; the test set is only seen by the final runs (several seeds).
 
-Outputs in ``--out``: ``study.json`` (every number), ``table.md``, ``accuracy.png`` (test accuracy
-against optimizer steps, mean ± std over seeds), ``wandb/`` (one run per training).
+Reruns of the same command on the same machine give the same numbers to the last digit: every
+random draw is seeded (initialisation, data order on every rank, mixup), torch runs its
+deterministic algorithms, and every rank computes with one thread. Timings (the ``timing``
+section of ``study.json`` and keys ending in ``_s``) are the only numbers that change. Another
+CPU may give other numbers (see the README).
+
+Outputs in ``--out``: ``study.json`` (every number), ``table.md``, ``sweep.md``, ``section.md``
+(the README section), ``accuracy.png``, ``batch_sweep.png``, ``wandb/`` (one W&B run per training,
+grouped by method, tagged with batch, seed and stage).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import statistics
+import resource
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-# Forked DDP workers deadlock in GNU OpenMP if this parent ever ran a parallel region: keep the
-# parent single-threaded (each worker still gets one thread per core from Lightning).
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-
 import torch
-
-torch.set_num_threads(1)
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from examples.train import fit_run, make_logger  # noqa: E402
+from examples.data import FULL_BATCH
+from examples.study_console import StudyProgress, format_duration, quiet_training
+from examples.study_report import (
+    comparison_table,
+    paper_checks,
+    plot_accuracy,
+    plot_batch_sweep,
+    readme_section,
+    summarise_point,
+    sweep_table,
+    write_docs,
+)
+from examples.train import fit_run, make_logger, wandb_offline
+from lightning_kfac import KFACOptions
 
-SMALL_BATCH, LARGE_BATCH = 32, 512
-METHODS: dict[str, dict[str, Any]] = {
-    "sgd_small": {"batch_size": SMALL_BATCH, "kfac": False, "mixup": 0.0},
-    "sgd_large": {"batch_size": LARGE_BATCH, "kfac": False, "mixup": 0.0},
-    "kfac_large": {"batch_size": LARGE_BATCH, "kfac": True, "mixup": 0.0},
-    "kfac_mixup_large": {"batch_size": LARGE_BATCH, "kfac": True, "mixup": 0.4},
+BatchSize = int | str
+
+
+@dataclass(frozen=True)
+class Method:
+    """An optimizer setup: SGD, or K-FAC through ``KFACDDPStrategy``, optionally with mixup."""
+
+    name: str
+    title: str
+    kfac: bool
+    mixup: float
+
+
+METHODS: dict[str, Method] = {
+    "sgd": Method("sgd", "SGD (LEGW)", kfac=False, mixup=0.0),
+    "kfac": Method("kfac", "K-FAC", kfac=True, mixup=0.0),
+    "kfac_mixup": Method("kfac_mixup", "K-FAC + mixup", kfac=True, mixup=0.4),
 }
-#: Base learning rates (at batch 32; LEGW scales them by √16 = 4 at batch 512). Same grid for all.
-LR_GRID = [0.01, 0.03, 0.1]
-#: Learning rate used without tuning (--quick).
-DEFAULT_LR = 0.03
+#: The comparison's rows: name -> (method, batch). Every row is also a point of the sweep.
+COMPARISON: dict[str, tuple[str, BatchSize]] = {
+    "sgd_small": ("sgd", 32),
+    "sgd_large": ("sgd", 512),
+    "kfac_large": ("kfac", 512),
+    "kfac_mixup_large": ("kfac_mixup", 512),
+}
+#: LEGW's reference batch: base learning rates and warmup are given at this batch size.
+BASE_BATCH = 32
+BASE_WARMUP_EPOCHS = 0.1
 TARGET_ACCURACY = 0.95
-#: Sharpness is compared where the clean training loss first falls to this value.
-MATCHED_TRAIN_LOSS = 0.1
-#: K-FAC's own settings, fixed before the study by one probe on the validation split (lr 0.03,
-#: seeds 0-2, final validation accuracy): damping 1e-2 with decompositions every 5 steps
-#: 0.985/0.959/0.922; every step 0.978/0.963/0.963; damping 3e-2 every step 0.978/0.967/0.978;
-#: damping 1e-1 every step 0.974/0.974/0.967. (SGD has no counterpart to tune.)
-KFAC_OPTIONS = dict(damping=3e-2, factor_update_interval=1, inverse_update_interval=1, kl_clip=1e-2)
+#: Sharpness (top Hessian eigenvalue) is measured where the clean training loss first falls to
+#: each of these values: the comparison uses 0.1, the sweep's figure the level reached by the
+#: most points (at full batch, SGD stays above both in 30 epochs).
+MATCHED_TRAIN_LOSSES = (0.2, 0.1)
+#: The Hessian is that of the loss on this many training images (the first ones).
+SHARPNESS_SAMPLES = 256
+#: Seed of the tuning runs (on the validation split); the final runs use seeds 0, 1, ...
+TUNING_SEED = 1000
+#: K-FAC's own settings, fixed before the study by probes on the validation split (lr 0.03,
+#: batch 512, 30 epochs, seeds 0-2, final validation accuracy). With the earlier network (64
+#: channels, 1,025 inputs to the first linear layer): damping 1e-2 with decompositions every 5
+#: steps 0.985/0.959/0.922; every step 0.978/0.963/0.963; damping 3e-2 every step
+#: 0.978/0.967/0.978; damping 1e-1 every step 0.974/0.974/0.967. With the current network
+#: (``examples.model``), every step: 1e-2 0.985/0.981/0.967; 3e-2 0.985/0.970/0.970; 1e-1
+#: 0.974/0.974/0.970 — no clear difference, so 3e-2 stayed. (SGD has no counterpart to tune.)
+KFAC_OPTIONS = KFACOptions(
+    damping=3e-2, factor_update_interval=1, inverse_update_interval=1, kl_clip=1e-2
+)
+#: Each rank computes with this many threads (2 ranks on a 2-core machine).
+THREADS_PER_RANK = 1
+#: Digits' training images at the default split (1,797 images, 25% held out for testing).
+TRAIN_IMAGES = 1347
+#: At most this many logged steps per run (W&B curves), whatever the batch size.
+MAX_LOGGED_STEPS = 200
+WANDB_PROJECT = "lightning-kfac-study"
+#: The command whose results the README shows (``--write-docs`` publishes only these).
+DOCUMENTED_COMMAND = "python examples/large_batch_study.py"
 
 
-def run(
-    method: str, lr: float, seed: int, args: argparse.Namespace, *, tuning: bool, label: str
-) -> dict[str, Any]:
-    spec = METHODS[method]
-    name = f"{label}-{method}-lr{lr:g}-seed{seed}"
-    logger = make_logger(
-        args.logger, Path(args.out), "lightning-kfac-study", name, group=method, quiet=True
+@dataclass(frozen=True)
+class Preset:
+    """How much of the study to run.
+
+    Args:
+        batch_sizes: Per method, the sweep's batch sizes (``"full"``: the whole training set).
+        seeds: Final runs per point (seeds 0 … seeds − 1), scored on the test set.
+        epochs: Training epochs of every run (the same budget at every batch size).
+        lr_grid: Base learning rates (at batch 32, LEGW-scaled) tried per point on the validation
+            split; one value means no tuning.
+    """
+
+    batch_sizes: dict[str, tuple[BatchSize, ...]]
+    seeds: int
+    epochs: int
+    lr_grid: tuple[float, ...]
+
+
+PRESETS: dict[str, Preset] = {
+    "quick": Preset(
+        batch_sizes={
+            "sgd": (32, 512, FULL_BATCH),
+            "kfac": (512, FULL_BATCH),
+            "kfac_mixup": (512, FULL_BATCH),
+        },
+        seeds=2,
+        epochs=8,
+        lr_grid=(0.03,),
+    ),
+    # K-FAC below batch 512 costs minutes per point on 2 cores (hundreds of steps, each with
+    # decompositions): the default keeps those for the full sweep.
+    "reduced": Preset(
+        batch_sizes={
+            "sgd": (32, 128, 512, FULL_BATCH),
+            "kfac": (512, FULL_BATCH),
+            "kfac_mixup": (512, FULL_BATCH),
+        },
+        seeds=3,
+        epochs=30,
+        lr_grid=(0.01, 0.03, 0.1),
+    ),
+    "full": Preset(
+        batch_sizes={method: (32, 64, 128, 256, 512, 1024, FULL_BATCH) for method in METHODS},
+        seeds=5,
+        epochs=30,
+        lr_grid=(0.01, 0.03, 0.1),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training: a point (method, batch), a learning rate, a seed and a stage."""
+
+    method: str
+    batch_size: BatchSize
+    lr: float
+    seed: int
+    stage: str  # "tune" (validation split) or "test" (the final runs)
+
+    @property
+    def name(self) -> str:
+        return f"{self.stage}-{self.method}-b{self.batch_size}-lr{self.lr:g}-seed{self.seed}"
+
+    @property
+    def label(self) -> str:
+        """What the progress display shows while the run trains."""
+        lr = f"lr {self.lr:g}"
+        return f"{self.method} batch {self.batch_size} seed {self.seed} ({self.stage}, {lr})"
+
+
+@dataclass
+class StudyContext:
+    """What every run needs to know: settings, output folder, logger, progress."""
+
+    preset: Preset
+    sweep: str
+    devices: int
+    logger: str
+    out: Path
+    progress: StudyProgress | None = None
+
+
+def study_points(preset: Preset) -> list[tuple[str, BatchSize]]:
+    """Every (method, batch) to run: the sweep's points plus the comparison's, in method order."""
+    points = {(m, b) for m, sizes in preset.batch_sizes.items() for b in sizes}
+    points |= set(COMPARISON.values())
+    order = {name: i for i, name in enumerate(METHODS)}
+    return sorted(points, key=lambda p: (order[p[0]], batch_key(p[1])))
+
+
+def batch_key(batch: BatchSize) -> float:
+    """Sort key: numbers ascending, ``"full"`` last."""
+    return float("inf") if batch == FULL_BATCH else float(batch)
+
+
+def steps_per_epoch(batch: BatchSize) -> int:
+    """Optimizer steps per epoch on digits' 1,347 training images (approximately, for the ETA
+    and the logging interval)."""
+    return 1 if batch == FULL_BATCH else max(1, TRAIN_IMAGES // int(batch))
+
+
+def estimated_cost(method: str, batch: BatchSize, epochs: int) -> float:
+    """Rough seconds of one run on 2 ranks, for the ETA only: start-up, steps, evaluations."""
+    step_s = 0.05 if METHODS[method].kfac else 0.012
+    return 2.0 + epochs * (steps_per_epoch(batch) * step_s + 0.05)
+
+
+def make_run_logger(run: Run, ctx: StudyContext) -> Any:
+    """The final runs' logger (W&B: grouped by method, tagged with batch, seed and stage; the
+    study's settings in the run's config). Tuning runs log nothing: their scores are in
+    ``study.json``, and a W&B run costs seconds to start."""
+    if run.stage == "tune":
+        return None
+    return make_logger(
+        ctx.logger,
+        ctx.out,
+        WANDB_PROJECT,
+        run.name,
+        group=run.method,
+        quiet=True,
+        tags=[f"batch={run.batch_size}", f"seed={run.seed}", run.stage, f"sweep={ctx.sweep}"],
+        job_type=run.stage,
+        config=run_config(run, ctx),
+        lean=True,
     )
-    start = time.perf_counter()
+
+
+def train(run: Run, ctx: StudyContext) -> dict[str, Any]:
+    """Train ``run`` on ``ctx.devices`` CPU ranks; return its history (curve, sharpness, …)."""
+    method = METHODS[run.method]
+    total_steps = ctx.preset.epochs * steps_per_epoch(run.batch_size)
     result = fit_run(
         data="digits",
-        batch_size=spec["batch_size"],
-        base_batch_size=SMALL_BATCH,
-        base_lr=lr,
-        base_warmup_epochs=0.1,
-        max_epochs=args.epochs,
-        strategy="kfac_ddp_fork" if spec["kfac"] else "ddp_fork",
-        devices=args.devices,
-        mixup_alpha=spec["mixup"],
-        kfac_options=KFAC_OPTIONS,
-        seed=seed,
-        logger=logger,
-        history_path=Path(args.out) / "runs" / f"{name}.json",
-        validation=tuning,
-        sharpness_at_loss=None if tuning else MATCHED_TRAIN_LOSS,
+        batch_size=run.batch_size,
+        base_batch_size=BASE_BATCH,
+        base_lr=run.lr,
+        base_warmup_epochs=BASE_WARMUP_EPOCHS,
+        max_epochs=ctx.preset.epochs,
+        strategy="kfac_ddp_fork" if method.kfac else "ddp_fork",
+        devices=ctx.devices,
+        mixup_alpha=method.mixup,
+        kfac_options=KFAC_OPTIONS if method.kfac else None,
+        seed=run.seed,
+        logger=make_run_logger(run, ctx),
+        history_path=ctx.out / "runs" / f"{run.name}.json",
+        validation=run.stage == "tune",
+        sharpness_at_loss=None if run.stage == "tune" else MATCHED_TRAIN_LOSSES,
+        sharpness_samples=SHARPNESS_SAMPLES,
+        deterministic=True,
+        threads_per_rank=THREADS_PER_RANK,
+        log_every_n_steps=max(1, round(total_steps / MAX_LOGGED_STEPS)),
     )
-    result.update(method=method, lr=lr, seed=seed, name=name, launch_s=time.perf_counter() - start)
-    final = result["curve"][-1]["val_acc"]
-    elapsed = time.perf_counter() - args.started
-    split = "validation" if tuning else "test"
-    print(
-        f"[{elapsed:6.1f}s] {label:<5} {method:<17} lr {lr:<5g} seed {seed}: "
-        f"{split} accuracy {final:.4f} in {result['wall_time_s']:.1f} s",
-        flush=True,
-    )
+    result.update(asdict(run), name=run.name)
     return result
 
 
-def steps_to(curve: list[dict[str, float]], target: float) -> float:
-    return next((point["step"] for point in curve if point["val_acc"] >= target), math.nan)
+def run_config(run: Run, ctx: StudyContext) -> dict[str, Any]:
+    """The W&B run's config: the run itself and the study's settings."""
+    method = METHODS[run.method]
+    return {
+        "study": {
+            "sweep": ctx.sweep,
+            "epochs": ctx.preset.epochs,
+            "seeds": ctx.preset.seeds,
+            "lr_grid": list(ctx.preset.lr_grid),
+            "devices": ctx.devices,
+            "threads_per_rank": THREADS_PER_RANK,
+            "base_batch": BASE_BATCH,
+            "kfac_options": KFAC_OPTIONS.to_dict(),
+        },
+        "method": run.method,
+        "kfac": method.kfac,
+        "mixup_alpha": method.mixup,
+        "global_batch": str(run.batch_size),
+        "base_lr": run.lr,
+        "seed": run.seed,
+        "stage": run.stage,
+    }
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    finite = [v for v in values if not math.isnan(v)]
-    if not finite:
-        return math.nan, math.nan
-    return statistics.mean(finite), statistics.stdev(finite) if len(finite) > 1 else 0.0
+def train_with_progress(run: Run, ctx: StudyContext) -> dict[str, Any]:
+    """``train`` inside the progress display; adds the run's CPU time (all processes)."""
+    if ctx.progress is not None:
+        ctx.progress.start_run(run.label)
+    cpu_before = cpu_seconds()
+    result = train(run, ctx)
+    result["cpu_time_s"] = cpu_seconds() - cpu_before
+    if ctx.progress is not None:
+        ctx.progress.finish_run(estimated_cost(run.method, run.batch_size, ctx.preset.epochs))
+    return result
 
 
-def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    summary = {}
-    for method, runs in results.items():
-        accuracy = mean_std([r["curve"][-1]["val_acc"] for r in runs])
-        steps = [steps_to(r["curve"], TARGET_ACCURACY) for r in runs]
-        sharp = [r["sharpness"]["top_eigenvalue"] if r.get("sharpness") else math.nan for r in runs]
-        summary[method] = {
-            "test_accuracy_mean": accuracy[0],
-            "test_accuracy_std": accuracy[1],
-            "steps_to_target_mean": mean_std(steps)[0],
-            "runs_reaching_target": sum(not math.isnan(s) for s in steps),
-            "total_steps": runs[0]["curve"][-1]["step"],
-            "wall_time_s_mean": mean_std([r["wall_time_s"] for r in runs])[0],
-            "top_hessian_eigenvalue_mean": mean_std(sharp)[0],
-            "top_hessian_eigenvalue_std": mean_std(sharp)[1],
-            "runs_reaching_matched_loss": sum(not math.isnan(s) for s in sharp),
-            "lr": runs[0]["lr"],
-            "seeds": len(runs),
-        }
-    return summary
+def choose_lr(tuning: dict[float, dict[str, float]]) -> float:
+    """Highest validation accuracy; ties (270 images: steps of 0.0037) go to lower loss."""
+    return max(tuning, key=lambda lr: (tuning[lr]["val_acc"], -tuning[lr]["val_loss"], -lr))
 
 
-def table(summary: dict[str, dict[str, Any]]) -> str:
-    def fmt(value: float, pattern: str = "{:.0f}") -> str:
-        return "n/a" if math.isnan(value) else pattern.format(value)
+def tune(method: str, batch: BatchSize, ctx: StudyContext) -> dict[float, dict[str, float]]:
+    """One run per learning rate of the grid on the validation split: final accuracy and loss."""
+    scores = {}
+    for lr in ctx.preset.lr_grid:
+        final = train_with_progress(Run(method, batch, lr, TUNING_SEED, "tune"), ctx)["curve"][-1]
+        scores[lr] = {"val_acc": final["val_acc"], "val_loss": final["val_loss"]}
+    return scores
 
-    lines = [
-        f"| method | batch | base lr | test accuracy (mean ± std) | steps to {TARGET_ACCURACY:.0%} "
-        "| total steps | wall time (s) "
-        f"| top Hessian eigenvalue at train loss {MATCHED_TRAIN_LOSS} |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+
+def run_point(method: str, batch: BatchSize, ctx: StudyContext) -> dict[str, Any]:
+    """Tune (when the grid has several values), then train every seed; summarise."""
+    tuning = tune(method, batch, ctx) if len(ctx.preset.lr_grid) > 1 else {}
+    lr = choose_lr(tuning) if tuning else ctx.preset.lr_grid[0]
+    runs = [
+        train_with_progress(Run(method, batch, lr, seed, "test"), ctx)
+        for seed in range(ctx.preset.seeds)
     ]
-    for method, s in summary.items():
-        sharp = fmt(s["top_hessian_eigenvalue_mean"], "{:.2f}")
-        if sharp != "n/a":
-            reached = f"{s['runs_reaching_matched_loss']}/{s['seeds']} runs"
-            sharp += f" ± {s['top_hessian_eigenvalue_std']:.2f} ({reached})"
-        steps = fmt(s["steps_to_target_mean"])
-        if steps != "n/a":
-            steps += f" ({s['runs_reaching_target']}/{s['seeds']} runs)"
-        lines.append(
-            f"| {method} | {METHODS[method]['batch_size']} | {s['lr']:g} | "
-            f"{s['test_accuracy_mean']:.4f} ± {s['test_accuracy_std']:.4f} | {steps} | "
-            f"{s['total_steps']} | {s['wall_time_s_mean']:.1f} | {sharp} |"
-        )
-    return "\n".join(lines)
+    point = summarise_point(runs, TARGET_ACCURACY, MATCHED_TRAIN_LOSSES)
+    point.update(
+        method=method,
+        batch_size=batch,
+        lr=lr,
+        tuning={f"{k:g}": v for k, v in tuning.items()},
+        runs=runs,
+    )
+    return point
 
 
-def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    for method, runs in results.items():
-        steps = [point["step"] for point in runs[0]["curve"]]
-        curves = torch.tensor([[point["val_acc"] for point in r["curve"]] for r in runs])
-        mean, std = curves.mean(0), curves.std(0) if len(runs) > 1 else torch.zeros(len(steps))
-        axes.plot(steps, mean, label=f"{method} (batch {METHODS[method]['batch_size']})")
-        axes.fill_between(steps, mean - std, mean + std, alpha=0.25)
-    axes.set_xscale("log")
-    axes.set_xlabel("optimizer steps")
-    axes.set_ylabel("test accuracy")
-    axes.set_ylim(0.5, 1.0)
-    axes.axhline(TARGET_ACCURACY, color="grey", linestyle=":", linewidth=1)
-    axes.set_title("digits: mean ± std over seeds")
-    axes.legend(loc="lower right")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def point_line(point: dict[str, Any]) -> str:
+    """One progress line per finished point."""
+    tuned = f"lr {point['lr']:g}" + (" (tuned)" if point["tuning"] else "")
+    return (
+        f"{point['method']:<10} batch {point['batch_size']!s:>4}: test accuracy "
+        f"{point['test_accuracy_mean']:.4f} ± {point['test_accuracy_std']:.4f} "
+        f"({plural(point['seeds'], 'seed')}, {tuned})"
+    )
+
+
+@contextmanager
+def reproducible_process(threads: int) -> Iterator[None]:
+    """One thread in this process (forked workers inherit it: no OpenMP pool to deadlock on);
+    on exit, restore the thread count, torch's deterministic-algorithms flag (each run's
+    ``Trainer(deterministic=True)`` sets it) and the environment variables the runs set (seeds,
+    W&B mode, thread count), so the caller's process is left as it was."""
+    keys = ("OMP_NUM_THREADS", "PL_GLOBAL_SEED", "PL_SEED_WORKERS", "WANDB_MODE", "WANDB_SILENT")
+    keys += ("CUBLAS_WORKSPACE_CONFIG",)
+    saved_env = {key: os.environ.get(key) for key in keys}
+    saved_threads = torch.get_num_threads()
+    saved_deterministic = torch.are_deterministic_algorithms_enabled()
+    saved_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved_deterministic, warn_only=saved_warn_only)
+        torch.set_num_threads(saved_threads)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (the DDP workers)."""
+    own, children = (
+        resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 seeds, no tuning, 8 epochs")
-    parser.add_argument("--seeds", type=int, default=None, help="default 5 (2 with --quick)")
-    parser.add_argument("--epochs", type=int, default=None, help="default 30 (8 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="the tests' run (≤ 2 minutes)")
+    parser.add_argument(
+        "--sweep",
+        choices=["reduced", "full"],
+        default="reduced",
+        help="reduced (default, ≤ 10 min on 2 cores) or full (more batch sizes and seeds)",
+    )
+    parser.add_argument("--seeds", type=int, help="final runs per point (preset's by default)")
+    parser.add_argument("--epochs", type=int, help="epochs per run (preset's by default)")
+    parser.add_argument(
+        "--batch-sizes", nargs="+", help="override the sweep's batch sizes (numbers or 'full')"
+    )
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="subset of methods")
+    parser.add_argument("--lr-grid", nargs="+", type=float, help="override the base lr grid")
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--logger", default="wandb", choices=["wandb", "csv"])
     parser.add_argument("--out", default="runs/study")
-    args = parser.parse_args(argv)
-    args.seeds = args.seeds or (2 if args.quick else 5)
-    args.epochs = args.epochs or (8 if args.quick else 30)
-    args.started = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"large-batch study on digits, {args.devices} CPU ranks, results in {out}", flush=True)
+    parser.add_argument(
+        "--write-docs",
+        action="store_true",
+        help="copy the results to docs/study/ and rewrite the README's study section",
+    )
+    parser.add_argument(
+        "--render-only",
+        action="store_true",
+        help="no training: rebuild tables, figures and checks from --out's study.json",
+    )
+    return parser.parse_args(argv)
 
-    chosen: dict[str, float] = {}
-    tuning: dict[str, dict[str, float]] = {}
-    for method in METHODS:
-        if args.quick:
-            chosen[method] = DEFAULT_LR
-            continue
-        scores = {
-            lr: run(method, lr, 0, args, tuning=True, label="tune")["curve"][-1]["val_acc"]
-            for lr in LR_GRID
-        }
-        tuning[method] = scores
-        chosen[method] = max(LR_GRID, key=lambda lr: (scores[lr], -lr))
 
-    results = {
-        method: [
-            run(method, chosen[method], seed, args, tuning=False, label="final")
-            for seed in range(args.seeds)
-        ]
-        for method in METHODS
-    }
-    summary = summarise(results)
-    text = table(summary)
-    (out / "table.md").write_text(text + "\n")
-    plot(results, out / "accuracy.png")
-    report = {
-        "command": " ".join(
-            [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]
-        ),
-        "seeds": args.seeds,
-        "epochs": args.epochs,
+def make_preset(args: argparse.Namespace) -> tuple[str, Preset]:
+    """The preset named by ``--quick`` / ``--sweep``, with the command line's overrides."""
+    name = "quick" if args.quick else args.sweep
+    preset = PRESETS[name]
+    sizes = preset.batch_sizes
+    if args.batch_sizes:
+        parsed = tuple(b if b == FULL_BATCH else int(b) for b in args.batch_sizes)
+        sizes = {method: parsed for method in sizes}
+    if args.methods:
+        sizes = {method: sizes.get(method, ()) for method in args.methods}
+    preset = Preset(
+        batch_sizes=sizes,
+        seeds=args.seeds or preset.seeds,
+        epochs=args.epochs or preset.epochs,
+        lr_grid=tuple(args.lr_grid) if args.lr_grid else preset.lr_grid,
+    )
+    return name, preset
+
+
+def selected_points(preset: Preset, methods: list[str] | None) -> list[tuple[str, BatchSize]]:
+    """The study's points; with ``--methods`` only those methods' (comparison rows included)."""
+    points = study_points(preset)
+    return [p for p in points if methods is None or p[0] in methods]
+
+
+def run_study(ctx: StudyContext, points: list[tuple[str, BatchSize]]) -> list[dict[str, Any]]:
+    """Every point in turn, with one progress line each."""
+    per_point = len(ctx.preset.lr_grid) * (len(ctx.preset.lr_grid) > 1) + ctx.preset.seeds
+    costs = [per_point * estimated_cost(m, b, ctx.preset.epochs) for m, b in points]
+    ctx.progress = StudyProgress(per_point * len(points), sum(costs))
+    results = []
+    try:
+        with quiet_training():
+            for method, batch in points:
+                results.append(run_point(method, batch, ctx))
+                ctx.progress.note(point_line(results[-1]))
+    finally:
+        ctx.progress.close()
+    return results
+
+
+def build_report(
+    args: argparse.Namespace, name: str, preset: Preset, points: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Everything the study measured, as written to ``study.json``."""
+    return {
+        "command": " ".join([DOCUMENTED_COMMAND, *command_args(args)]),
+        "sweep": name,
+        "preset": {
+            "batch_sizes": {m: [str(b) for b in sizes] for m, sizes in preset.batch_sizes.items()},
+            "seeds": preset.seeds,
+            "epochs": preset.epochs,
+            "lr_grid": list(preset.lr_grid),
+        },
         "devices": args.devices,
-        "lr_grid": LR_GRID,
-        "tuning_validation_accuracy": tuning,
-        "chosen_lr": chosen,
-        "kfac_options": KFAC_OPTIONS,
+        "threads_per_rank": THREADS_PER_RANK,
+        "methods": {m: asdict(method) for m, method in METHODS.items()},
+        "base_batch": BASE_BATCH,
+        "tuning_seed": TUNING_SEED,
+        "kfac_options": KFAC_OPTIONS.to_dict(),
         "target_accuracy": TARGET_ACCURACY,
-        "matched_train_loss": MATCHED_TRAIN_LOSS,
-        "summary": summary,
-        "runs": results,
-        "total_time_s": time.perf_counter() - args.started,
+        "matched_train_losses": list(MATCHED_TRAIN_LOSSES),
+        "sharpness_samples": SHARPNESS_SAMPLES,
+        "comparison": comparison_rows(points),
+        "points": points,
+        "checks": paper_checks(points, MATCHED_TRAIN_LOSSES),
+        "machine": machine(),
     }
-    (out / "study.json").write_text(json.dumps(report, indent=1))
-    print("\n" + text, flush=True)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from ``/proc/cpuinfo`` on Linux)."""
+    import platform
+
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor()
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers depend on beyond the code: the CPU (kernels are chosen by instruction
+    set) and the library versions."""
+    import platform
+
+    import pytorch_lightning
+
+    return {
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "pytorch_lightning": pytorch_lightning.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def comparison_rows(points: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The comparison's rows: each row's point without its runs (those are in ``points``)."""
+    by_point = {(p["method"], str(p["batch_size"])): p for p in points}
+    return {
+        row: {k: v for k, v in by_point[(method, str(batch))].items() if k != "runs"}
+        for row, (method, batch) in COMPARISON.items()
+        if (method, str(batch)) in by_point
+    }
+
+
+def command_args(args: argparse.Namespace) -> list[str]:
+    """The options that change what runs (for the report's command line)."""
+    parts = ["--quick"] if args.quick else ([] if args.sweep == "reduced" else ["--sweep", "full"])
+    for flag, value in (("--seeds", args.seeds), ("--epochs", args.epochs)):
+        if value:
+            parts += [flag, str(value)]
+    for flag, values in (
+        ("--batch-sizes", args.batch_sizes),
+        ("--methods", args.methods),
+        ("--lr-grid", args.lr_grid),
+    ):
+        if values:
+            parts += [flag, *(f"{v:g}" if isinstance(v, float) else str(v) for v in values)]
+    if args.devices != 2:
+        parts += ["--devices", str(args.devices)]
+    return parts
+
+
+def write_outputs(report: dict[str, Any], out: Path) -> list[Path]:
+    """``study.json``, the tables, the README section and both figures; returns their paths."""
+    paths = [out / name for name in ("study.json", "table.md", "sweep.md", "section.md")]
+    paths += [out / "accuracy.png", out / "batch_sweep.png"]
+    paths[0].write_text(json.dumps(report, indent=1) + "\n")
+    paths[1].write_text(comparison_table(report) + "\n")
+    paths[2].write_text(sweep_table(report) + "\n")
+    paths[3].write_text(readme_section(report) + "\n")
+    plot_accuracy(report, paths[4])
+    plot_batch_sweep(report, paths[5])
+    return paths
+
+
+def print_summary(report: dict[str, Any], paths: list[Path], logger: str, out: Path) -> None:
+    """The tables, the checks against the papers, and where everything is."""
+    print("\n" + comparison_table(report) + "\n\n" + sweep_table(report) + "\n", flush=True)
+    for line in report["checks"]:
+        print(f"- {line['text']}", flush=True)
+    wall, cpu = report["timing"]["wall_time_s"], report["timing"]["cpu_time_s"]
     print(
-        f"\nwrote {out / 'table.md'}, {out / 'accuracy.png'}, {out / 'study.json'} "
-        f"in {report['total_time_s']:.0f} s",
+        f"\ndone in {format_duration(wall)} (CPU time {format_duration(cpu)}); "
+        f"figures: {paths[4]}, {paths[5]}; numbers: {paths[0]}",
         flush=True,
     )
+    runs = sum(len(p["runs"]) for p in report["points"])
+    if logger == "wandb":
+        where = out / "wandb"
+        if wandb_offline():
+            print(
+                f"W&B: {runs} offline runs in {where} (group = method; tags: batch, seed); "
+                f"upload with `wandb sync {where}/offline-run-*`",
+                flush=True,
+            )
+        else:
+            print(f"W&B: {runs} runs in project {WANDB_PROJECT}, grouped by method", flush=True)
+
+
+def run_and_report(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """Run the study the command line asks for; return its report (``study.json``)."""
+    name, preset = make_preset(args)
+    ctx = StudyContext(preset, name, args.devices, args.logger, out)
+    points = selected_points(preset, args.methods)
+    print(
+        f"large-batch study on digits ({name} sweep): {plural(len(points), 'point')} × "
+        f"({len(preset.lr_grid) if len(preset.lr_grid) > 1 else 0} tuning + "
+        f"{plural(preset.seeds, 'seed')}), {plural(preset.epochs, 'epoch')}, "
+        f"{args.devices} CPU ranks × {plural(THREADS_PER_RANK, 'thread')}; results in {out}",
+        flush=True,
+    )
+    started, cpu_before, load = time.perf_counter(), cpu_seconds(), os.getloadavg()[0]
+    with reproducible_process(THREADS_PER_RANK):
+        results = run_study(ctx, points)
+    report = build_report(args, name, preset, results)
+    report["timing"] = {
+        "wall_time_s": time.perf_counter() - started,
+        "cpu_time_s": cpu_seconds() - cpu_before,
+        "load_average_at_start": load,
+    }
+    return report
+
+
+def rerender(out: Path) -> dict[str, Any]:
+    """The report of the study in ``out``, its summaries and checks recomputed from the runs
+    (after a change to the report's code; no training)."""
+    report = json.loads((out / "study.json").read_text())
+    for point in report["points"]:
+        point.update(
+            summarise_point(point["runs"], TARGET_ACCURACY, report["matched_train_losses"])
+        )
+    report["comparison"] = comparison_rows(report["points"])
+    report["checks"] = paper_checks(report["points"], report["matched_train_losses"])
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.write_docs and command_args(args):
+        raise SystemExit("--write-docs publishes the documented command only")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = rerender(out) if args.render_only else run_and_report(args, out)
+    if args.write_docs and report["command"] != DOCUMENTED_COMMAND:
+        raise SystemExit(f"--write-docs publishes `{DOCUMENTED_COMMAND}` only")
+    paths = write_outputs(report, out)
+    print_summary(report, paths, args.logger, out)
+    if args.write_docs:
+        written = write_docs(report, out, Path(__file__).resolve().parents[1])
+        print(f"rewrote {', '.join(str(p) for p in written)}", flush=True)
     return report
 
 

@@ -18,11 +18,13 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from torch import Tensor, nn
 
 if __package__ in (None, ""):  # `python examples/train.py`: make `examples` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -49,6 +51,13 @@ def wandb_has_api_key() -> bool:
     return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
+def wandb_offline() -> bool:
+    """Whether W&B runs are written locally only (no API key, or ``WANDB_MODE`` says so)."""
+    if "WANDB_MODE" not in os.environ:
+        return not wandb_has_api_key()
+    return os.environ["WANDB_MODE"] in ("offline", "dryrun", "disabled")
+
+
 def make_logger(
     kind: str,
     save_dir: Path,
@@ -56,8 +65,19 @@ def make_logger(
     name: str,
     group: str | None = None,
     quiet: bool = False,
+    *,
+    tags: list[str] | None = None,
+    job_type: str | None = None,
+    config: dict[str, Any] | None = None,
+    lean: bool = False,
 ):
-    """``WandbLogger`` (offline without an API key), or a CSV logger on request / without wandb."""
+    """``WandbLogger`` (offline without an API key), or a CSV logger on request / without wandb.
+
+    ``group``, ``tags``, ``job_type`` and ``config`` go to ``wandb.init``: the W&B UI groups runs by
+    ``group`` and filters them by tags; ``config`` holds what the run was asked to do (the model's
+    hyperparameters are added by Lightning). ``lean`` skips W&B's console capture and git
+    inspection (many short runs in a row: the study).
+    """
     save_dir.mkdir(parents=True, exist_ok=True)
     if kind == "wandb" and not wandb_available():
         print("wandb is not installed: logging to CSV instead", flush=True)
@@ -68,10 +88,26 @@ def make_logger(
         return CSVLogger(save_dir, name=name)
     from pytorch_lightning.loggers import WandbLogger
 
-    if "WANDB_MODE" not in os.environ and not wandb_has_api_key():
-        os.environ["WANDB_MODE"] = "offline"
+    if wandb_offline():
+        os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
-    logger = WandbLogger(project=project, name=name, group=group, save_dir=str(save_dir))
+    extra: dict[str, Any] = {}
+    if lean:
+        import wandb
+
+        extra["settings"] = wandb.Settings(console="off", disable_git=True, disable_code=True)
+    logger = WandbLogger(
+        project=project,
+        name=name,
+        group=group,
+        save_dir=str(save_dir),
+        tags=tags,
+        job_type=job_type,
+        config=config,
+        **extra,
+    )
+    # Lightning always passes ``anonymous``; W&B >= 0.19 then warns that the setting does nothing.
+    logger._wandb_init.pop("anonymous", None)
     if os.environ.get("WANDB_MODE") in ("offline", "dryrun") and not quiet:
         print(
             f"W&B is offline: the run is written under {save_dir / 'wandb'}; upload it later with\n"
@@ -81,53 +117,99 @@ def make_logger(
     return logger
 
 
+#: Power iteration for the sharpness: at most this many Hessian-vector products, stopping when the
+#: estimate changes by less than the tolerance (relative).
+SHARPNESS_ITERATIONS = 30
+SHARPNESS_TOLERANCE = 1e-3
+
+
 class History(pl.Callback):
     """Rank 0 writes the run's curve to JSON: test accuracy per validation, clean training loss,
     time, and the sharpness (top Hessian eigenvalue) when the clean training loss first reaches
-    ``sharpness_at_loss`` (so runs are compared at a matched training loss)."""
+    each value of ``sharpness_at_loss`` (so runs are compared at a matched training loss).
+
+    ``sharpness`` in the JSON maps each reached loss level (``f"{level:g}"``) to
+    ``{"top_eigenvalue", "hessian_vector_products", "train_loss", "step"}``; levels crossed at
+    the same evaluation share one measurement. The loss is the clean (unmixed) loss of the whole
+    training set in eval mode; the Hessian is that of the first ``sharpness_samples`` training
+    samples' loss (power iteration from a fixed random vector, see ``SHARPNESS_ITERATIONS``).
+    """
 
     def __init__(
-        self, path: Path, datamodule: Any = None, sharpness_at_loss: float | None = None
+        self,
+        path: Path,
+        datamodule: Any = None,
+        sharpness_at_loss: float | Sequence[float] | None = None,
+        sharpness_samples: int = 256,
     ) -> None:
         self.path = path
         self.datamodule = datamodule
-        self.sharpness_at_loss = sharpness_at_loss
-        self.sharpness: dict[str, float] | None = None
+        self.sharpness_samples = sharpness_samples
+        if sharpness_at_loss is None:
+            sharpness_at_loss = ()
+        elif isinstance(sharpness_at_loss, (int, float)):
+            sharpness_at_loss = (sharpness_at_loss,)
+        self.levels = tuple(sorted(sharpness_at_loss, reverse=True))
+        self.sharpness: dict[str, dict[str, float]] = {}
         self.curve: list[dict[str, float]] = []
         self.start = 0.0
+        self.threads = 0
         self.train_loss = float("nan")
 
     def _measure_training_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Clean training loss on the first 1,024 training samples; sharpness once it is low."""
+        """Clean training loss of the training set; sharpness once it reaches a level."""
         if trainer.global_rank != 0 or self.datamodule is None:
             return
-        x, y = self.datamodule.train_set.tensors
-        x, y = x[:1024].to(pl_module.device), y[:1024].to(pl_module.device)
+        x, y = (t.to(pl_module.device) for t in self.datamodule.train_set.tensors)
         was_training = pl_module.training
         pl_module.eval()
         with torch.no_grad():
             self.train_loss = float(torch.nn.functional.cross_entropy(pl_module(x), y))
         pl_module.train(was_training)
-        target = self.sharpness_at_loss
-        if target is not None and self.sharpness is None and self.train_loss <= target:
-            from lightning_kfac.sharpness import model_sharpness
+        reached = [
+            f"{level:g}"
+            for level in self.levels
+            if self.train_loss <= level and f"{level:g}" not in self.sharpness
+        ]
+        if reached:
+            measured = self._sharpness(pl_module, x[: self.sharpness_samples], y)
+            for level in reached:
+                self.sharpness[level] = {
+                    **measured,
+                    "train_loss": self.train_loss,
+                    "step": trainer.global_step,
+                }
 
-            value = model_sharpness(
-                pl_module,
-                [(x, y)],
-                torch.nn.functional.cross_entropy,
-                iterations=30,
-                tolerance=1e-3,
+    def _sharpness(self, module: nn.Module, x: Tensor, y: Tensor) -> dict[str, float]:
+        """``λ_max`` of the Hessian of the mean cross-entropy on ``x`` (eval mode), by at most
+        ``SHARPNESS_ITERATIONS`` Hessian-vector products; also how many were needed."""
+        from lightning_kfac.sharpness import top_hessian_eigenvalue
+
+        y = y[: len(x)]
+        products = 0
+
+        def loss() -> Tensor:
+            nonlocal products
+            products += 1
+            return torch.nn.functional.cross_entropy(module(x), y)
+
+        was_training = module.training
+        module.eval()
+        try:
+            value = top_hessian_eigenvalue(
+                loss,
+                module.parameters(),
+                iterations=SHARPNESS_ITERATIONS,
+                tolerance=SHARPNESS_TOLERANCE,
                 generator=torch.Generator().manual_seed(0),
             )
-            self.sharpness = {
-                "top_eigenvalue": value,
-                "train_loss": self.train_loss,
-                "step": trainer.global_step,
-            }
+        finally:
+            module.train(was_training)
+        return {"top_eigenvalue": value, "hessian_vector_products": products}
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.start = time.perf_counter()
+        self.threads = torch.get_num_threads()
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -151,13 +233,32 @@ class History(pl.Callback):
         if trainer.global_rank == 0:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             elapsed = time.perf_counter() - self.start
-            payload = {"curve": self.curve, "wall_time_s": elapsed, "sharpness": self.sharpness}
+            payload = {
+                "curve": self.curve,
+                "wall_time_s": elapsed,
+                "sharpness": self.sharpness,
+                "threads_per_rank": self.threads,
+                "global_batch": (
+                    self.datamodule.global_batch_size() if self.datamodule is not None else None
+                ),
+            }
             self.path.write_text(json.dumps(payload))
             logger = trainer.logger
             if logger is not None and type(logger).__name__ == "WandbLogger":
                 import wandb
 
                 wandb.finish()  # forked workers exit without atexit hooks: close the run here
+
+
+class FixedThreads(pl.Callback):
+    """Every rank computes with exactly ``threads`` intra-op threads (results of parallel
+    reductions can depend on the thread count). Set in ``setup``, which runs in each worker."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        torch.set_num_threads(self.threads)
 
 
 def make_strategy(name: str, devices: int, kfac_options: KFACOptions | dict[str, Any]) -> Any:
@@ -173,7 +274,7 @@ def fit_run(
     *,
     data: str = "digits",
     data_dir: str | None = None,
-    batch_size: int = 64,
+    batch_size: int | str = 64,
     base_batch_size: int = 32,
     base_lr: float = 0.05,
     base_warmup_epochs: float = 0.1,
@@ -191,23 +292,35 @@ def fit_run(
     extra_callbacks: list[pl.Callback] | None = None,
     val_every_n_epochs: int = 1,
     validation: bool = False,
-    sharpness_at_loss: float | None = None,
+    sharpness_at_loss: float | Sequence[float] | None = None,
+    sharpness_samples: int = 256,
+    deterministic: bool = True,
+    threads_per_rank: int | None = None,
+    log_every_n_steps: int = 1,
 ) -> dict[str, Any]:
-    """Train once; return rank 0's history (read back from ``history_path``)."""
+    """Train once; return rank 0's history (read back from ``history_path``).
+
+    ``batch_size`` is the global batch (``"full"``: the whole training set per step). ``seed``
+    fixes the initialisation, the data order and mixup's draws. ``deterministic`` asks torch for
+    deterministic algorithms (``Trainer(deterministic=True)``; the flag stays set in this process
+    afterwards, as Lightning leaves it). ``threads_per_rank`` fixes each rank's intra-op threads.
+    """
     pl.seed_everything(seed, workers=True, verbose=False)
-    datamodule = make_datamodule(data, batch_size, data_dir, validation=validation)
+    datamodule = make_datamodule(data, batch_size, data_dir, validation=validation, seed=seed)
     model = Classifier(
         input_shape=datamodule.input_shape,
         num_classes=datamodule.num_classes,
         base_lr=base_lr,
         base_batch_size=base_batch_size,
-        batch_size=batch_size,
+        batch_size=datamodule.global_batch_size(),
         base_warmup_epochs=base_warmup_epochs,
     )
     callbacks: list[pl.Callback] = [
-        History(history_path, datamodule, sharpness_at_loss),
+        History(history_path, datamodule, sharpness_at_loss, sharpness_samples),
         *(extra_callbacks or []),
     ]
+    if threads_per_rank is not None:
+        callbacks.append(FixedThreads(threads_per_rank))
     if mixup_alpha > 0:
         callbacks.append(MixupCallback(alpha=mixup_alpha))
     trainer = pl.Trainer(
@@ -224,7 +337,8 @@ def fit_run(
         enable_model_summary=False,
         num_sanity_val_steps=0,
         check_val_every_n_epoch=val_every_n_epochs,
-        log_every_n_steps=1,
+        log_every_n_steps=log_every_n_steps,
+        deterministic=deterministic,
     )
     trainer.fit(model, datamodule=datamodule)
     return json.loads(history_path.read_text())
