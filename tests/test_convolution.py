@@ -279,7 +279,11 @@ def test_flop_models_and_auto_rule() -> None:
     assert gemm == 2.0 * 128 * 16 * 16 * (32 * 9) ** 2
     assert patch_covariance_flops(stride_one, shape, "correlation") < 0.3 * gemm
     assert choose_method(stride_one, shape, threads=1) is CovarianceMethod.CORRELATION
-    assert choose_method(stride_one, shape, threads=2) is CovarianceMethod.GEMM  # < 10 GFLOP
+    assert choose_method(stride_one, shape, threads=2) is CovarianceMethod.CORRELATION
+    tiny = (8, 3, 32, 32)  # 13 MFLOP of GEMM work: two threads keep the GEMM
+    tiny_geometry = ConvGeometry.from_call(tiny, (32, 3, 3, 3), padding=1)
+    assert choose_method(tiny_geometry, tiny, threads=1) is CovarianceMethod.CORRELATION
+    assert choose_method(tiny_geometry, tiny, threads=2) is CovarianceMethod.GEMM
     assert choose_method(stride_two, shape, threads=1) is CovarianceMethod.GEMM
     assert patch_covariance_flops(stride_two, shape, "auto") == patch_covariance_flops(
         stride_two, shape, "gemm"
