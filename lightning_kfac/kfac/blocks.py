@@ -340,8 +340,13 @@ class Block:
             assert decomposition is not None
             for tensor in decomposition.values():
                 dtype = torch.promote_types(dtype, tensor.dtype)
-        grad = gradient.to(dtype)
-        parts = [{k: v.to(dtype) for k, v in d.items()} for d in decompositions]  # type: ignore[union-attr]
+        grad = gradient if gradient.dtype == dtype else gradient.to(dtype)
+        parts = [
+            d
+            if all(v.dtype == dtype for v in d.values())
+            else {k: v.to(dtype) for k, v in d.items()}
+            for d in decompositions  # type: ignore[union-attr]
+        ]
         if self.unit_wise:
             (f,) = parts
             if method == ComputeMethod.EIGEN:
@@ -360,7 +365,8 @@ class Block:
                 )  # fmt: skip
             else:
                 result = linalg.precondition_inverse(grad, a["inverse"], g["inverse"])
-        result = result.to(gradient.dtype)
+        if result.dtype != gradient.dtype:
+            result = result.to(gradient.dtype)
         ok = self.seen() & torch.isfinite(result).all()
         return result, ok
 

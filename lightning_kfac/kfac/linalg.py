@@ -150,7 +150,7 @@ def kl_clip_scale(
     if not preconditioned:
         return torch.ones((), dtype=torch.float64)
     terms = [
-        (lr**2) * (p.to(torch.float64) * g.to(torch.float64)).sum()
+        (lr**2) * (p * g).sum(dtype=torch.float64)
         for p, g, lr in zip(preconditioned, gradients, learning_rates, strict=True)
     ]
     vg_sum = torch.stack(terms).sum() / torch.as_tensor(grad_scale, dtype=torch.float64) ** 2
