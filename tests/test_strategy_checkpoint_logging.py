@@ -112,6 +112,9 @@ def test_figures_reach_wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyP
     )
     trainer.fit(TinyClassifier(batch_size=16))
     wandb.finish()
+    # finish() returns once the run is closed, but the W&B service may still be writing the
+    # run file (CI read a bare header once); teardown waits for the service to exit.
+    wandb.teardown()
     runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
     payload = runs[0].read_bytes()
