@@ -576,7 +576,8 @@ def per_rank(blocks: Sequence[BlockShape], world_size: int, sizes: ElementSizes)
         "eigh_calls": _spread([float(len(g)) for g in groups]),
         "precondition_flops_mem_opt": _spread(precondition),
         "precondition_flops_comm_opt": sum(b.precondition_flops for b in blocks),
-        "_owner": owner,
+        "_decomposition": decomposition,
+        "_gradients": gradients,
         "_flops": flops,
         "_groups": [len(g) for g in groups],
     }
@@ -677,14 +678,8 @@ def step_times(
         f / (hw.eigh_tflops * 1e12) + calls * hw.eigh_call_s
         for f, calls in zip(figures["_flops"], figures["_groups"], strict=True)
     )
-    owner = figures["_owner"]
-    sizes = ElementSizes()
-    decomposition_comm = hw.broadcast_time(
-        decomposition_bytes_by_rank(blocks, owner, world_size, sizes), world_size
-    )
-    gradient_comm = hw.broadcast_time(
-        gradient_bytes_by_rank(blocks, owner, world_size, sizes), world_size
-    )
+    decomposition_comm = hw.broadcast_time(figures["_decomposition"], world_size)
+    gradient_comm = hw.broadcast_time(figures["_gradients"], world_size)
     use_gradients = hw.allreduce_time(
         figures["step_use_gradient_allreduce_payload_bytes"], world_size
     )
@@ -985,11 +980,10 @@ def main() -> None:
             "per_rank": [{k: v for k, v in p.items() if not k.startswith("_")} for p in per],
             "time": times,
         }
-        for row, p in zip(results["models"][key]["per_rank"], per, strict=True):
-            row["decomposition_seconds_slowest_rank_assumed"] = max(
-                f / (hw.eigh_tflops * 1e12) + c * hw.eigh_call_s
-                for f, c in zip(p["_flops"], p["_groups"], strict=True)
-            )
+        for row, entry in zip(results["models"][key]["per_rank"], times, strict=True):
+            row["decomposition_seconds_slowest_rank_assumed"] = entry["terms_s"][
+                "eigh_per_update_slowest_rank"
+            ]
     threads = torch.get_num_threads()
     torch.set_num_threads(args.eigh_threads)
     eigh = measure_eigh(args.eigh_dims, args.eigh_device)

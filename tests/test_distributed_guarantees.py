@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -410,6 +411,25 @@ def save_one_rank_checkpoint(tmp_path: Path, **strategy_kwargs: Any) -> Path:
     return path
 
 
+def edit_saved_state(path: Path, edit: Callable[[dict[str, Any]], Any]) -> Any:
+    """Apply ``edit`` to the K-FAC state of the checkpoint at ``path``, save it back, and return
+    what ``edit`` returned."""
+    checkpoint = torch.load(path, weights_only=False)
+    result = edit(checkpoint["kfac"])
+    torch.save(checkpoint, path)
+    return result
+
+
+def resume_on_one_rank(tmp_path: Path, path: Path) -> None:
+    fit_in_process(
+        tmp_path,
+        TinyClassifier(batch_size=16),
+        KFACDDPStrategy(start_method="popen"),
+        max_steps=5,
+        ckpt_path=path,
+    )
+
+
 def corrupt(state: dict[str, Any], how: str) -> str:
     """Corrupt one saved factor; returns the block's name."""
     name = "net.2.weight"
@@ -441,39 +461,21 @@ def test_corrupted_factor_in_checkpoint_raises_naming_the_block(
     tmp_path: Path, how: str, message: str
 ) -> None:
     path = save_one_rank_checkpoint(tmp_path)
-    checkpoint = torch.load(path, weights_only=False)
-    name = corrupt(checkpoint["kfac"], how)
-    torch.save(checkpoint, path)
+    name = edit_saved_state(path, lambda state: corrupt(state, how))
     with pytest.raises(ValueError, match=rf"factor {name}\[1\].*{message}"):
-        fit_in_process(
-            tmp_path,
-            TinyClassifier(batch_size=16),
-            KFACDDPStrategy(start_method="popen"),
-            max_steps=5,
-            ckpt_path=path,
-        )
+        resume_on_one_rank(tmp_path, path)
 
 
 def test_checkpoint_of_unknown_format_raises(tmp_path: Path) -> None:
     path = save_one_rank_checkpoint(tmp_path)
-    checkpoint = torch.load(path, weights_only=False)
-    checkpoint["kfac"]["version"] = 99
-    torch.save(checkpoint, path)
+    edit_saved_state(path, lambda state: state.update(version=99))
     with pytest.raises(ValueError, match="unknown format"):
-        fit_in_process(
-            tmp_path,
-            TinyClassifier(batch_size=16),
-            KFACDDPStrategy(start_method="popen"),
-            max_steps=5,
-            ckpt_path=path,
-        )
+        resume_on_one_rank(tmp_path, path)
 
 
 def test_corrupted_checkpoint_fails_on_two_ranks(tmp_path: Path) -> None:
     path = save_one_rank_checkpoint(tmp_path)
-    checkpoint = torch.load(path, weights_only=False)
-    name = corrupt(checkpoint["kfac"], "nan")
-    torch.save(checkpoint, path)
+    name = edit_saved_state(path, lambda state: corrupt(state, "nan"))
     with pytest.raises(Exception, match=rf"factor {name}\[1\] holds non-finite values"):
         fit_two_ranks(
             tmp_path, "corrupt", TinyClassifier(batch_size=8), ckpt_path=path, max_steps=5
