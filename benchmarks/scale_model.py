@@ -288,7 +288,7 @@ class FactorShape:
 
     @property
     def cost(self) -> int:
-        """LPT cost (``distributor.decomposition_cost``): ``B·d³``, 0 when diagonal."""
+        """LPT cost (``assignment.decomposition_cost``): ``B·d³``, 0 when diagonal."""
         return 0 if self.diagonal else self.blocks * self.dim**3
 
     @property

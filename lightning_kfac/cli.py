@@ -73,9 +73,4 @@ def kfac_options_from_args(args: argparse.Namespace) -> KFACOptions:
         for name, value in vars(args).items()
         if name.startswith(PREFIX)
     }
-    if "skip_modules" in values:
-        values["skip_modules"] = tuple(values["skip_modules"])
-    for name in ("damping", "factor_decay", "kl_clip", "lr", "factor_bucket_cap_mb"):
-        if isinstance(values.get(name), int):
-            values[name] = float(values[name])
     return KFACOptions(**values)

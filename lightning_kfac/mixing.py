@@ -76,13 +76,21 @@ class MixupLossError(RuntimeError):
 
 
 # -- sampling ---------------------------------------------------------------------------------
-def _check_shape(shape: float, name: str = "shape") -> float:
-    if isinstance(shape, bool) or not isinstance(shape, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {shape!r}")
+def real_as_float(value: Any) -> float | None:
+    """``value`` as a float (``inf`` for an int beyond float64), or ``None`` when it is not a real
+    number (a ``bool`` is not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
     try:
-        value = float(shape)
-    except OverflowError:  # an int beyond float64
-        value = math.inf
+        return float(value)
+    except OverflowError:
+        return math.inf
+
+
+def _check_shape(shape: float, name: str = "shape") -> float:
+    value = real_as_float(shape)
+    if value is None:
+        raise TypeError(f"{name} must be a real number, got {shape!r}")
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be finite and > 0, got {shape!r}")
     return value

@@ -50,7 +50,7 @@ from typing_extensions import override
 from lightning_kfac.distributed import TorchDistributedDistributor
 from lightning_kfac.kfac import KFACOptions, KFACPreconditioner
 from lightning_kfac.kfac.options import option_names, reject_unknown, split_options
-from lightning_kfac.kfac.structure import Structure, format_table
+from lightning_kfac.kfac.structure import Structure
 
 log = logging.getLogger(__name__)
 
@@ -190,17 +190,17 @@ class KFACStrategyMixin:
             grad_scale = scale if isinstance(scale, torch.Tensor) else scaler.get_scale()
         pre.step(grad_scale=grad_scale)
         if pre.structure is not None and pre.structure is not self._reported_structure:
-            self._report_structure(pre.structure)
+            self._report_structure(pre)
         if self.log_figures:
             self._log_figures(pre)
 
-    def _report_structure(self, structure: Structure) -> None:
+    def _report_structure(self, pre: KFACPreconditioner) -> None:
+        structure = pre.structure
+        assert structure is not None
         first = self._reported_structure is None
         self._reported_structure = structure
         if self.global_rank == 0:  # type: ignore[attr-defined]
-            type(self)._rank_zero_info(
-                format_table(structure.reports, structure.preconditioned_fraction)
-            )
+            type(self)._rank_zero_info(pre.coverage_report())
         if first and self.log_figures:
             # Once, straight to the loggers (``self.log`` would repeat it at every log step).
             trainer = self.lightning_module.trainer  # type: ignore[attr-defined]

@@ -50,21 +50,29 @@ from lightning_kfac.mixing import (
     cutmix_inputs_and_mask,
     mix_inputs,
     mix_soft_targets,
+    real_as_float,
     sample_beta,
 )
 
 
 def _real(name: str, value: Any, *, fix: str) -> float:
     """``value`` as a finite float, else a ``TypeError`` / ``ValueError`` naming the option."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    number = real_as_float(value)
+    if number is None:
         raise TypeError(f"MixupCallback({name}={value!r}): {name} must be a real number; {fix}")
-    try:
-        number = float(value)
-    except OverflowError:
-        number = math.inf
     if not math.isfinite(number):
         raise ValueError(f"MixupCallback({name}={value!r}): {name} must be finite; {fix}")
     return number
+
+
+def _target_layout(targets: Tensor) -> tuple[bool, tuple[int, ...], bool]:
+    """``(floating, per_element, dense)`` of a label batch: float targets carry a class dimension
+    (``[N, C, *]``), integer labels do not (``[N, *]``); ``per_element`` is the shape of one
+    sample's labels without it, and ``dense`` says a sample has more than one label (segmentation).
+    """
+    floating = targets.is_floating_point()
+    per_element = tuple(targets.shape[2:] if floating else targets.shape[1:])
+    return floating, per_element, math.prod(per_element) > 1
 
 
 def _check_alpha(name: str, value: Any, switches_off: str) -> float:
@@ -302,16 +310,14 @@ class MixupCallback(pl.Callback):
                 "cannot). Images: convert them to float in the dataset / collate_fn. CutMix "
                 "alone (alpha=0, cutmix_alpha > 0) copies pixels and accepts integer images."
             )
-        floating = targets.is_floating_point()
-        per_element = targets.shape[2:] if floating else targets.shape[1:]
-        dense = math.prod(per_element) > 1
+        floating, per_element, dense = _target_layout(targets)
         if self.cutmix_alpha > 0:
             if inputs.dim() != 4:
                 raise ValueError(
                     "MixupCallback: CutMix (cutmix_alpha > 0) needs image batches [N, C, H, W], "
                     f"got inputs of shape {tuple(inputs.shape)}; use alpha only (mixup)"
                 )
-            if dense and tuple(per_element) != tuple(inputs.shape[-2:]):
+            if dense and per_element != tuple(inputs.shape[-2:]):
                 expected = "[N, C, H, W]" if floating else "[N, H, W]"
                 raise ValueError(
                     f"MixupCallback: CutMix pastes boxes of pixels, so dense targets must be "
@@ -343,8 +349,7 @@ class MixupCallback(pl.Callback):
             lam = torch.maximum(lam, 1 - lam)
         device_perm = permutation.to(inputs.device)
         partner_inputs = previous[0] if previous is not None else inputs[device_perm]
-        floating = targets.is_floating_point()
-        dense = math.prod(targets.shape[2:] if floating else targets.shape[1:]) > 1
+        floating, _, dense = _target_layout(targets)
         if use_cutmix:
             mixed_inputs, lam, inside = cutmix_inputs_and_mask(
                 inputs, partner_inputs, lam, self.generator

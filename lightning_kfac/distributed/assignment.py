@@ -1,19 +1,24 @@
 """Which rank decomposes which layer: greedy cost balancing (longest processing time first).
 
-The cost of a layer is the flop count of its two symmetric eigendecompositions,
-``blocks · (d_A³ + d_G³)`` (``eigh`` is cubic). Layers are taken from the most to the least
-expensive and each goes to the currently least-loaded rank (Graham's LPT rule, at most 4/3 of the
-optimal makespan). Ties break by layer order, so every rank computes the same assignment.
+The cost of a block is the flop count of its factors' symmetric eigendecompositions,
+``Σ_factors B · d³`` (``eigh`` is cubic; a diagonal factor costs nothing). Blocks are taken from
+the most to the least expensive and each goes to the currently least-loaded rank (Graham's LPT
+rule, at most 4/3 of the optimal makespan). Ties break by block order, so every rank computes the
+same assignment.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lightning_kfac.kfac.blocks import Block
 
 
-def decomposition_cost(blocks: int, a_dim: int, g_dim: int) -> float:
-    """Relative cost of eigendecomposing one layer's ``A`` and ``G``."""
-    return float(blocks) * (a_dim**3 + g_dim**3)
+def decomposition_cost(block: Block) -> float:
+    """Relative cost of decomposing a block's factors (``eigh`` is cubic; diagonal ones free)."""
+    return float(sum(f.blocks * f.dim**3 for f in block.factors if not f.diagonal))
 
 
 def assign_by_cost(costs: Sequence[float], world_size: int) -> list[int]:

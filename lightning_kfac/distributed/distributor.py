@@ -29,17 +29,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_kfac.distributed.assignment import assign_by_cost
+from lightning_kfac.distributed.assignment import assign_by_cost, decomposition_cost
 from lightning_kfac.distributed.comm import BucketedAllReduce, Piece, broadcast_flat, piece_numel
 from lightning_kfac.kfac.blocks import Block
 from lightning_kfac.kfac.distribution import Distributor, Result
 from lightning_kfac.kfac.options import ComputeMethod, DistributionMode
 from lightning_kfac.kfac.uses import UseSpec
-
-
-def decomposition_cost(block: Block) -> float:
-    """Relative cost of decomposing a block's factors (``eigh`` is cubic; diagonal ones free)."""
-    return float(sum(f.blocks * f.dim**3 for f in block.factors if not f.diagonal))
 
 
 class TorchDistributedDistributor(Distributor):

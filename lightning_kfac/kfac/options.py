@@ -238,6 +238,7 @@ class KFACOptions:
             raise ValueError(
                 f"factor_bucket_cap_mb must be a positive number, got {self.factor_bucket_cap_mb!r}"
             )
+        set_(self, "factor_bucket_cap_mb", bucket)
         set_(self, "factor_dtype", _parse_dtype(self.factor_dtype, "factor_dtype"))
         set_(self, "inverse_dtype", _parse_dtype(self.inverse_dtype, "inverse_dtype"))
         set_(self, "compute_method", ComputeMethod.parse(self.compute_method, "compute_method"))
