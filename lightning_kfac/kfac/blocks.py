@@ -265,17 +265,14 @@ class Block:
             return
         assert a_means is not None and isinstance(self.model, KroneckerModel)
         a_factor, g_factor = self.factors
-        if self.model.a_diagonal:
-            a_stat = linalg.diagonal_sum(a_means, append_ones=self.model.has_bias)
-        else:
-            a_stat = linalg.covariance_sum(a_means, append_ones=self.model.has_bias)
-        g_stat = (
-            linalg.diagonal_sum(g_samples, append_ones=False)
-            if self.model.g_diagonal
-            else linalg.covariance_sum(g_samples, append_ones=False)
+        model = self.model
+        a_factor.accumulate(
+            linalg.factor_sum(a_means, diagonal=model.a_diagonal, append_ones=model.has_bias),
+            samples,
         )
-        a_factor.accumulate(a_stat, samples)
-        g_factor.accumulate(g_stat, samples)
+        g_factor.accumulate(
+            linalg.factor_sum(g_samples, diagonal=model.g_diagonal, append_ones=False), samples
+        )
 
     def finish_capture(self) -> None:
         """Commit per-sample sums whose forward still has calls without a gradient."""

@@ -109,7 +109,6 @@ Two constructions of the same matrix (:class:`CovarianceMethod`):
 from __future__ import annotations
 
 import contextlib
-import enum
 import functools
 import itertools
 import math
@@ -120,7 +119,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_kfac.kfac.linalg import covariance_sum
+from lightning_kfac.kfac.linalg import covariance_sum, with_ones_row
+from lightning_kfac.kfac.options import StrEnum
 
 __all__ = [
     "AUTO_RULE",
@@ -135,15 +135,12 @@ __all__ = [
 ]
 
 
-class CovarianceMethod(str, enum.Enum):
+class CovarianceMethod(StrEnum):
     """How :func:`patch_covariance_sum` forms ``Σ_{n,t} a_{n,t} a_{n,t}^T`` (see module doc)."""
 
     AUTO = "auto"
     GEMM = "gemm"
     CORRELATION = "correlation"
-
-    def __str__(self) -> str:
-        return str(self.value)
 
 
 #: ``auto``'s thresholds per intra-op thread count (1, or 2 and more): ``correlation`` needs a
@@ -742,12 +739,8 @@ def patch_covariance_sum(
     gram = _correlation_covariance(x, geometry)
     if not append_ones:
         return gram
-    groups, dim = gram.shape[:2]
     # Σ_{n,t} a_{n,t} = window sums of Σ_n x̃[n]: sum over the samples first
     column_sum = patch_sums_per_sample(x.sum(0, keepdim=True), geometry)[:, 0]  # [G, d_in]
-    out = gram.new_empty(groups, dim + 1, dim + 1)
-    out[:, :dim, :dim] = gram
-    out[:, :dim, dim] = column_sum
-    out[:, dim, :dim] = column_sum
-    out[:, dim, dim] = x.shape[0] * math.prod(geometry.output_size(x.shape[2:]))
-    return out
+    return with_ones_row(
+        gram, column_sum, x.shape[0] * math.prod(geometry.output_size(x.shape[2:]))
+    )

@@ -13,7 +13,6 @@ its block keeps the raw gradient (reported by the preconditioner).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -146,8 +145,3 @@ def _decompose_alone(
             last = error
     block.faults.append(f"failed in float64 too ({last})")
     factor.set_decomposition(None)
-
-
-def decomposition_flops(blocks: int, dim: int) -> float:
-    """Model cost of one symmetric eigendecomposition block (≈ 9 d³, Golub & Van Loan)."""
-    return float(blocks) * 9.0 * math.pow(dim, 3)

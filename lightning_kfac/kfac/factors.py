@@ -62,10 +62,6 @@ class KroneckerFactor:
     def shape(self) -> tuple[int, ...]:
         return (self.blocks, self.dim) if self.diagonal else (self.blocks, self.dim, self.dim)
 
-    @property
-    def numel(self) -> int:
-        return self.blocks * self.dim * (1 if self.diagonal else self.dim)
-
     # -- stage 1: accumulation -------------------------------------------------------------
     def accumulate(self, total: Tensor, count: float | Tensor) -> None:
         """Add ``Σ r r^T`` (or its diagonal) over ``count`` normalising units."""

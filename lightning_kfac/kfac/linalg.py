@@ -31,14 +31,28 @@ def covariance_sum(rows: Tensor, *, append_ones: bool) -> Tensor:
     gram = rows.mT @ rows
     if not append_ones:
         return gram
-    blocks, count, dim = rows.shape
-    column_sum = rows.sum(dim=1)  # [B, d]
-    out = rows.new_empty(blocks, dim + 1, dim + 1)
+    return with_ones_row(gram, rows.sum(dim=1), rows.shape[1])
+
+
+def with_ones_row(gram: Tensor, column_sum: Tensor, count: int) -> Tensor:
+    """``[[gram, s], [sᵀ, count]]`` per block: the covariance sum of rows ``[r_m; 1]`` from that of
+    the rows ``r_m`` (``gram`` ``[B, d, d]``), their sum ``s = Σ_m r_m`` (``[B, d]``) and their
+    number."""
+    blocks, dim = gram.shape[:2]
+    out = gram.new_empty(blocks, dim + 1, dim + 1)
     out[:, :dim, :dim] = gram
     out[:, :dim, dim] = column_sum
     out[:, dim, :dim] = column_sum
     out[:, dim, dim] = count
     return out
+
+
+def factor_sum(rows: Tensor, *, diagonal: bool, append_ones: bool) -> Tensor:
+    """``covariance_sum`` of ``rows``, or only its diagonal (``diagonal_sum``) for a factor side
+    kept diagonal."""
+    if diagonal:
+        return diagonal_sum(rows, append_ones=append_ones)
+    return covariance_sum(rows, append_ones=append_ones)
 
 
 def diagonal_sum(rows: Tensor, *, append_ones: bool) -> Tensor:

@@ -188,7 +188,9 @@ class KFACOptions:
         factor_max_rows: Estimate each use's ``A``/``G`` batch from at most this many of its
             ``N·T`` rows (uniform without replacement, rescaled: unbiased); ``None``: all rows.
         max_factor_dim: A factor side above this is kept diagonal (memory ``d`` instead of
-            ``d²``, no eigendecomposition). See ``DEFAULT_MAX_FACTOR_DIM``.
+            ``d²``, no eigendecomposition). The default 8192 keeps a dense factor and its
+            eigenvectors at 0.5 GB in float32 and puts a 50k-token head's vocabulary side on the
+            diagonal (docs/design.md §7).
         nonfinite_gradients: ``"skip_step"`` or ``"raise"`` when raw gradients are not finite.
         batch_dim: ``N``, the number of samples the loss averages over, is the size of this
             dimension of the first tensor among the model's forward arguments (in Lightning:

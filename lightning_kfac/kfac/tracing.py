@@ -87,9 +87,6 @@ class ParameterIndex:
     def clear_derived(self) -> None:
         self._derived.clear()
 
-    def is_tracked(self, tensor: Any) -> bool:
-        return isinstance(tensor, Tensor) and self.resolve(tensor) is not None
-
     def resolve(self, tensor: Tensor) -> ParameterView | None:
         """The parameter ``tensor`` is (a row slice / transpose / cast of), or None.
 
@@ -548,7 +545,6 @@ class UseTracker:
         self.discovering = False
         modules = dict(self.root.named_modules())
         self._set_hooks([(name, modules[name]) for name in site_names if name and name in modules])
-        self.root_is_site = "" in site_names
 
     def _set_hooks(self, modules: Sequence[tuple[str, nn.Module]]) -> None:
         for handle in self._site_handles:

@@ -135,10 +135,6 @@ class UseModel(abc.ABC):
     def is_unit_wise(self) -> bool:
         return len(self.factor_sides) == 1
 
-    @property
-    def preconditioned_numel(self) -> int:
-        return sum(math.prod(self.view_shape(part)) for part in self.spec.parts)
-
     # -- gradient matrix -----------------------------------------------------------------------
     def view_shape(self, part: ParameterView) -> tuple[int, ...]:
         """Shape of the tensor the call received for ``part`` (row slice / transpose)."""
@@ -210,15 +206,11 @@ class KroneckerModel(UseModel):
     def a_statistic(self, layer_input: Tensor, index: Tensor | None) -> Tensor:
         """``Σ a a^T`` (or its diagonal) over the call's rows, bias included."""
         rows = self.a_rows(layer_input, index)
-        if self.a_diagonal:
-            return linalg.diagonal_sum(rows, append_ones=self.has_bias)
-        return linalg.covariance_sum(rows, append_ones=self.has_bias)
+        return linalg.factor_sum(rows, diagonal=self.a_diagonal, append_ones=self.has_bias)
 
     def g_statistic(self, output_gradient: Tensor, index: Tensor | None) -> Tensor:
         rows = self.g_rows(output_gradient, index)
-        if self.g_diagonal:
-            return linalg.diagonal_sum(rows, append_ones=False)
-        return linalg.covariance_sum(rows, append_ones=False)
+        return linalg.factor_sum(rows, diagonal=self.g_diagonal, append_ones=False)
 
     # -- K-FAC-reduce: per-sample sums over positions ---------------------------------------
     def supports_reduce(self) -> bool:
