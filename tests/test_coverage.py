@@ -221,3 +221,25 @@ def test_preconditioned_fraction_is_logged_once_and_table_printed(
         rows = list(csv.DictReader(handle))
     values = [r["kfac/preconditioned_fraction"] for r in rows if r["kfac/preconditioned_fraction"]]
     assert values == ["1.0"]
+
+
+def test_broadcast_bias_of_an_addmm_is_named_not_preconditioned() -> None:
+    """``addmm`` broadcasts a one-element bias over every output: not the per-output bias K-FAC
+    models, so the weight and bias are left to the optimizer with the reason."""
+
+    class BroadcastBias(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 3))
+            self.bias = nn.Parameter(torch.zeros(1))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return torch.addmm(self.bias, x, self.weight)
+
+    torch.manual_seed(0)
+    model = BroadcastBias()
+    pre = KFACPreconditioner(model, kl_clip=None)
+    F.cross_entropy(model(torch.randn(2, 4)), torch.tensor([0, 1])).backward()
+    with pytest.warns(KFACCoverageWarning, match="bias that does not match the weight's outputs"):
+        pre.step()
+    assert pre.preconditioned_fraction == 0.0

@@ -159,11 +159,9 @@ class UseCapture(UseListener):
                 if view is not None and (view.rows is not None or view.transposed):
                     return f"{call.kind} with a slice of the parameter"
         if call.kind == UseKind.LINEAR and bias is not None and weight is not None:
-            bias_length = bias.rows[1] - bias.rows[0] if bias.rows else None
-            out_rows = call.weight.shape[-1 if call.transposed_form else 0]  # type: ignore[union-attr]
-            if bias_length is None:
-                bias_length = call.bias.shape[0] if call.bias is not None else -1  # type: ignore[union-attr]
-            if bias.transposed or bias_length != out_rows:
+            assert call.weight is not None and call.bias is not None  # both resolved
+            out_rows = call.weight.shape[-1 if call.transposed_form else 0]
+            if bias.transposed or call.bias.shape[0] != out_rows:
                 return "linear with a bias that does not match the weight's outputs"
         return None
 

@@ -156,6 +156,8 @@ class RecognizedCall:
     transposed_form: bool = False
     #: Why K-FAC cannot model this call although the function is known (or None).
     unsupported: str | None = None
+    #: Norm calls: recomputes ``x̂`` from the saved input at backward (not part of the identity).
+    normalize: Callable[[Tensor], Tensor] | None = dataclasses.field(default=None, compare=False)
 
     def run(self, weight: Tensor | None = None, bias: Tensor | None = None) -> Any:
         """Call the function, with ``weight``/``bias`` substituted when given."""
@@ -267,7 +269,7 @@ def _recognize_batch_norm(func: Any, args: list[Any], kwargs: dict[str, Any]) ->
         detail=("batch",),
     )  # fmt: skip
     # x̂ is recomputed at backward: keep what normalises it (not part of the use's identity).
-    call.normalize = _batch_norm_normalizer(training, running, eps)  # type: ignore[attr-defined]
+    call.normalize = _batch_norm_normalizer(training, running, eps)
     return call
 
 
@@ -298,7 +300,7 @@ def _recognize_layer_norm(func: Any, args: list[Any], kwargs: dict[str, Any]) ->
         _slot(args, kwargs, 2, "weight"), _slot(args, kwargs, 3, "bias"),
         detail=("layer", len(shape)),
     )  # fmt: skip
-    call.normalize = lambda t: F.layer_norm(t, shape, eps=eps)  # type: ignore[attr-defined]
+    call.normalize = lambda t: F.layer_norm(t, shape, eps=eps)
     return call
 
 
@@ -311,7 +313,7 @@ def _recognize_rms_norm(func: Any, args: list[Any], kwargs: dict[str, Any]) -> R
         _arg(args, kwargs, 2, "weight", None), None,
         _slot(args, kwargs, 2, "weight"), None, detail=("rms", len(shape)),
     )  # fmt: skip
-    call.normalize = lambda t: F.rms_norm(t, shape, eps=eps)  # type: ignore[attr-defined]
+    call.normalize = lambda t: F.rms_norm(t, shape, eps=eps)
     return call
 
 
@@ -325,7 +327,7 @@ def _recognize_group_norm(func: Any, args: list[Any], kwargs: dict[str, Any]) ->
         _slot(args, kwargs, 2, "weight"), _slot(args, kwargs, 3, "bias"),
         detail=("group", groups),
     )  # fmt: skip
-    call.normalize = lambda t: F.group_norm(t, groups, eps=eps)  # type: ignore[attr-defined]
+    call.normalize = lambda t: F.group_norm(t, groups, eps=eps)
     return call
 
 
