@@ -58,11 +58,6 @@ def workloads() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple[T
     }
 
 
-def loss_of(model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
-    out = model(inputs)
-    return F.cross_entropy(out.reshape(-1, out.shape[-1]), targets.reshape(-1))
-
-
 class NoOpListener(UseListener):
     def __init__(self, model: nn.Module) -> None:
         self.index = ParameterIndex(list(model.named_parameters()))
@@ -101,7 +96,12 @@ def hooks(model: nn.Module, compute: bool) -> list[Any]:
     return handles
 
 
-def variants(model: nn.Module, batch: tuple[Tensor, Tensor]) -> dict[str, Callable[[], None]]:
+def variants(
+    model: nn.Module, batch: tuple[Tensor, Tensor]
+) -> tuple[dict[str, Callable[[], None]], float]:
+    """The timed variants, and the fraction of parameter elements K-FAC preconditions."""
+    from benchmarks.step_time import loss_of
+
     inputs, targets = batch
     plain = lambda: loss_of(model, inputs, targets).backward()  # noqa: E731
     out: dict[str, Callable[[], None]] = {"plain": plain}
@@ -120,11 +120,11 @@ def variants(model: nn.Module, batch: tuple[Tensor, Tensor]) -> dict[str, Callab
     out["hooks (no-op)"] = with_hooks(False)
     out["hooks + factors"] = with_hooks(True)
 
-    pre = KFACPreconditioner(model, kl_clip=None)
+    capture = KFACPreconditioner(model, kl_clip=None)
     plain()
-    pre.fix_structure()
-    sites = pre.structure.sites if pre.structure is not None else []
-    pre.remove_hooks()
+    capture.fix_structure()
+    capture.capture_enabled = False  # only inside its own variant
+    sites = capture.structure.sites if capture.structure is not None else []
 
     def with_tracer(whole: bool) -> Callable[[], None]:
         def run() -> None:
@@ -146,11 +146,6 @@ def variants(model: nn.Module, batch: tuple[Tensor, Tensor]) -> dict[str, Callab
     out["tracer at sites (no-op)"] = with_tracer(False)
     out["tracer, whole forward (no-op)"] = with_tracer(True)
 
-    capture = KFACPreconditioner(model, kl_clip=None)
-    plain()
-    capture.fix_structure()
-    capture.capture_enabled = False  # only inside its own variant
-
     def kfac_capture() -> None:
         capture.capture_enabled = True
         try:
@@ -160,8 +155,7 @@ def variants(model: nn.Module, batch: tuple[Tensor, Tensor]) -> dict[str, Callab
             capture.discard_captured()
 
     out["K-FAC capture"] = kfac_capture
-    out["_fraction"] = capture.preconditioned_fraction  # type: ignore[assignment]
-    return out
+    return out, capture.preconditioned_fraction
 
 
 def measure(blocks: int, repeats: int, threads: int) -> dict[str, Any]:
@@ -171,8 +165,7 @@ def measure(blocks: int, repeats: int, threads: int) -> dict[str, Any]:
         torch.manual_seed(0)
         model = make_model()
         batch = make_batch()
-        runs = variants(model, batch)
-        fraction = runs.pop("_fraction")
+        runs, fraction = variants(model, batch)
         for run in runs.values():  # warm up
             model.zero_grad(set_to_none=True)
             run()

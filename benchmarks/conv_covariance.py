@@ -4,8 +4,9 @@
 
 For each convolution of the small CNN of the field notes (batch 128, 3x3: C=3 at 32x32, 32 at
 16x16 with stride 1 and 2, 64 at 8x8; plus the notes' prototype shapes C=32 at 32x32, 64 at 16x16,
-128 at 8x8) and of the small ResNet in ``benchmarks/step_time.py`` (stem, the 3x3 convolutions of
-each stage, the 1x1 stride-2 shortcuts), both constructions of
+128 at 8x8) and of a small ResNet (stem 16, stages 16/32/64: the stem, the 3x3 convolutions of
+each stage, the 1x1 stride-2 shortcuts; the workload ``benchmarks/step_time.py`` timed before its
+CNN), both constructions of
 :func:`lightning_kfac.kfac.convolution.patch_covariance_sum` run in float32 on the same input,
 round-robin (every round times one call of each method, so machine-load drift hits both alike);
 reported are the median per-call times, the speed-up (GEMM time / correlation time), the FLOP

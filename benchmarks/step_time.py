@@ -33,6 +33,7 @@ same network, with the conv ``A`` costed by the construction the library uses fo
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import itertools
 import json
@@ -132,7 +133,23 @@ def flop_model(
     inverse_interval: int,
     max_rows: int | None = None,
 ) -> dict[str, float]:
-    """FLOPs per step from the library's own blocks (traced on one forward).
+    """FLOPs per step from the library's own blocks (``flop_terms``) and the model ratio
+    ``(fwd+bwd + factors / f + eigh / i + precondition) / (fwd+bwd)``."""
+    terms = flop_terms(workload, batch, max_rows)
+    fwd_bwd = terms["fwd_bwd_flops"]
+    kfac = (
+        fwd_bwd
+        + terms["factor_flops"] / factor_interval
+        + terms["eigh_flops"] / inverse_interval
+        + terms["precondition_flops"]
+    )
+    return {**terms, "ratio": kfac / fwd_bwd}
+
+
+@functools.cache
+def flop_terms(workload: str, batch: int, max_rows: int | None) -> dict[str, float]:
+    """FLOPs of each K-FAC stage from the library's own blocks (traced on one forward; cached:
+    they depend on the workload, batch and row sampling only).
 
     Forward+backward: 3 × the forward multiply-adds × 2 of every linear/conv use (embeddings are
     lookups). Factors: per dense side ``2·rows·d²`` (a GEMM over the use's rows; a conv ``A``
@@ -180,14 +197,11 @@ def flop_model(
             method = choose_method(geometry, inputs[site])
             a_flops = patch_covariance_flops(geometry, inputs[site], method)
         factors += a_flops + g_flops
-    fwd_bwd = 3.0 * forward
-    kfac = fwd_bwd + factors / factor_interval + eigh / inverse_interval + precondition
     return {
-        "fwd_bwd_flops": fwd_bwd,
+        "fwd_bwd_flops": 3.0 * forward,
         "factor_flops": factors,
         "eigh_flops": eigh,
         "precondition_flops": precondition,
-        "ratio": kfac / fwd_bwd,
     }
 
 

@@ -57,6 +57,7 @@ from examples.study_report import (
     paper_checks,
     plot_accuracy,
     plot_batch_sweep,
+    points_by_key,
     readme_section,
     summarise_point,
     sweep_table,
@@ -139,6 +140,11 @@ class Preset:
     seeds: int
     epochs: int
     lr_grid: tuple[float, ...]
+
+    @property
+    def tuning_runs(self) -> int:
+        """Validation runs per point: one per learning rate, none without a choice to make."""
+        return len(self.lr_grid) if len(self.lr_grid) > 1 else 0
 
 
 PRESETS: dict[str, Preset] = {
@@ -333,7 +339,7 @@ def tune(method: str, batch: BatchSize, ctx: StudyContext) -> dict[float, dict[s
 
 def run_point(method: str, batch: BatchSize, ctx: StudyContext) -> dict[str, Any]:
     """Tune (when the grid has several values), then train every seed; summarise."""
-    tuning = tune(method, batch, ctx) if len(ctx.preset.lr_grid) > 1 else {}
+    tuning = tune(method, batch, ctx) if ctx.preset.tuning_runs else {}
     lr = choose_lr(tuning) if tuning else ctx.preset.lr_grid[0]
     runs = [
         train_with_progress(Run(method, batch, lr, seed, "test"), ctx)
@@ -457,7 +463,7 @@ def selected_points(preset: Preset, methods: list[str] | None) -> list[tuple[str
 
 def run_study(ctx: StudyContext, points: list[tuple[str, BatchSize]]) -> list[dict[str, Any]]:
     """Every point in turn, with one progress line each."""
-    per_point = len(ctx.preset.lr_grid) * (len(ctx.preset.lr_grid) > 1) + ctx.preset.seeds
+    per_point = ctx.preset.tuning_runs + ctx.preset.seeds
     costs = [per_point * estimated_cost(m, b, ctx.preset.epochs) for m, b in points]
     ctx.progress = StudyProgress(per_point * len(points), sum(costs))
     results = []
@@ -529,7 +535,7 @@ def machine() -> dict[str, Any]:
 
 def comparison_rows(points: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The comparison's rows: each row's point without its runs (those are in ``points``)."""
-    by_point = {(p["method"], str(p["batch_size"])): p for p in points}
+    by_point = points_by_key(points)
     return {
         row: {k: v for k, v in by_point[(method, str(batch))].items() if k != "runs"}
         for row, (method, batch) in COMPARISON.items()
@@ -599,7 +605,7 @@ def run_and_report(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     points = selected_points(preset, args.methods)
     print(
         f"large-batch study on digits ({name} sweep): {plural(len(points), 'point')} × "
-        f"({len(preset.lr_grid) if len(preset.lr_grid) > 1 else 0} tuning + "
+        f"({preset.tuning_runs} tuning + "
         f"{plural(preset.seeds, 'seed')}), {plural(preset.epochs, 'epoch')}, "
         f"{args.devices} CPU ranks × {plural(THREADS_PER_RANK, 'thread')}; results in {out}",
         flush=True,

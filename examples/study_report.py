@@ -105,10 +105,9 @@ def figure_level(points: list[Point], levels: Sequence[float]) -> float:
     return max(sorted(levels), key=lambda v: sum(fully_reached(p, v) for p in points))
 
 
-def find_point(points: list[Point], method: str, batch: Any) -> Point | None:
-    return next(
-        (p for p in points if p["method"] == method and str(p["batch_size"]) == str(batch)), None
-    )
+def points_by_key(points: list[Point]) -> dict[tuple[str, str], Point]:
+    """The points by ``(method, str(batch_size))``."""
+    return {(p["method"], str(p["batch_size"])): p for p in points}
 
 
 def method_points(points: list[Point], method: str) -> list[Point]:
@@ -356,7 +355,7 @@ def plot_accuracy(report: dict[str, Any], path: Path) -> None:
     """Test accuracy against optimizer steps for the comparison's rows (mean ± std, log x)."""
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    points = {(p["method"], str(p["batch_size"])): p for p in report["points"]}
+    points = points_by_key(report["points"])
     drawn: set[str] = set()
     for row, summary in report["comparison"].items():
         runs = points[(summary["method"], str(summary["batch_size"]))]["runs"]
