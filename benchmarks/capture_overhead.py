@@ -130,7 +130,7 @@ def variants(
         def run() -> None:
             listener = NoOpListener(model)
             tracker = UseTracker(
-                model, listener, on_forward_start=lambda a, k: whole, wanted=lambda: True
+                model, listener, on_forward_start=lambda a, k: whole, wanted=lambda site: True
             )
             if whole:
                 tracker.start_discovery()

@@ -175,13 +175,20 @@ def lm_loss(model: nn.Module, ids: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(model(ids).flatten(0, 1), targets.flatten())
 
 
-@pytest.mark.parametrize("steps", [1, 2], ids=["first_step", "second_step"])
-def test_tied_embedding_and_head_step_is_the_sum_of_the_two_uses_dense_solves(steps: int) -> None:
+@pytest.mark.parametrize(
+    ("steps", "factor_update_interval"),
+    [(1, 1), (2, 1), (2, 2)],
+    ids=["first_step", "second_step", "step_without_factor_update"],
+)
+def test_tied_embedding_and_head_step_is_the_sum_of_the_two_uses_dense_solves(
+    steps: int, factor_update_interval: int
+) -> None:
     """Per-use factors: embedding ``A_e = diag(counts)/(N·T)``, ``G_e = Σ g gᵀ/N`` (``[E, E]``);
     head ``A_h = Σ h hᵀ/(N·T)``, ``G_h = Σ g gᵀ/N`` (``[V, V]``). The tied weight's step is
     ``solve(A_e ⊗ G_e, dL_e)ᵀ + solve(A_h ⊗ G_h, dW_h)`` with each use's own gradient, which is
     also the untied twin's two preconditioned gradients summed — from the first ``step()`` on
-    (the structure is fixed there), as for every other parameter."""
+    (the structure is fixed there), as for every other parameter, and on steps that capture no
+    factors (the per-use gradients are still traced there)."""
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 6, (5, 4), generator=gen)  # token 6 never occurs
     targets = torch.randint(0, 7, (5, 4), generator=gen)
@@ -199,8 +206,9 @@ def test_tied_embedding_and_head_step_is_the_sum_of_the_two_uses_dense_solves(st
     lm_loss(reference, ids, targets).backward()
     assert_close(reference.emb.weight.grad, dL_e.T + dW_h, rtol=1e-10, atol=1e-13)
 
-    pre = train_step(tied, lambda m: lm_loss(m, ids, targets), steps=steps)
-    train_step(untied, lambda m: lm_loss(m, ids, targets), steps=steps)
+    interval = {"factor_update_interval": factor_update_interval}
+    pre = train_step(tied, lambda m: lm_loss(m, ids, targets), steps=steps, **interval)
+    train_step(untied, lambda m: lm_loss(m, ids, targets), steps=steps, **interval)
     emb_block, head_block = pre.block("emb.weight", site="emb"), pre.block("emb.weight", "head")
     assert emb_block is not head_block
     assert_close(emb_block.a.value[0], torch.diagonal(A_e), rtol=FACTOR_RTOL, atol=FACTOR_ATOL)

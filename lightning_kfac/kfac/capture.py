@@ -95,7 +95,9 @@ class UseCapture(UseListener):
         self.unexpected: dict[UseSpec, None] = {}
         #: Parameter name -> operations K-FAC cannot model that used it.
         self.unsupported: dict[str, set[str]] = {}
-        self.needs_use_gradients = False
+        #: Sites of uses whose parameter has other uses: traced on every step, since each use's
+        #: own gradient is needed to precondition it (``Block.needs_use_gradients``).
+        self.use_gradient_sites: frozenset[str] = frozenset()
         self.root_is_site = False
         self.tracker = UseTracker(
             root, self, on_forward_start=self._forward_start, wanted=self._wanted
@@ -119,15 +121,17 @@ class UseCapture(UseListener):
         self.blocks = blocks
         self.unexpected = {}
         self.root_is_site = "" in sites
-        self.needs_use_gradients = any(b.needs_use_gradients for b in blocks.values())
+        self.use_gradient_sites = frozenset(
+            spec.site for spec, block in blocks.items() if block.needs_use_gradients
+        )
         self.tracker.set_sites(sites)
 
     def remove(self) -> None:
         self.tracker.remove()
 
     # -- forward boundaries -------------------------------------------------------------------
-    def _wanted(self) -> bool:
-        return self.discovering or self.capturing() or self.needs_use_gradients
+    def _wanted(self, site: str) -> bool:
+        return self.discovering or self.capturing() or site in self.use_gradient_sites
 
     def _forward_start(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         if not (self.root.training and torch.is_grad_enabled()):
@@ -137,7 +141,7 @@ class UseCapture(UseListener):
         self.training_forwards += 1
         values = (*args, *kwargs.values())
         self.batch_size = first_tensor_batch_size(values, self.batch_dim) or 1
-        return self.discovering or (self.root_is_site and self._wanted())
+        return self.discovering or (self.root_is_site and self._wanted(""))
 
     # -- calls ----------------------------------------------------------------------------------
     def on_unsupported(self, view: ParameterView, operation: str, site: str) -> None:

@@ -466,7 +466,7 @@ class UseTracker:
     - The root module's forward marks micro-batch boundaries (``on_forward_start``) and, while
       ``discovering``, runs entirely under the mode, with every submodule's name on the site stack.
     - Afterwards, only the ``sites`` (modules where supported uses were found) activate the mode,
-      and only when ``wanted()`` says the step needs it.
+      and only when ``wanted(site)`` says the step needs that site traced.
     """
 
     def __init__(
@@ -475,7 +475,7 @@ class UseTracker:
         listener: UseListener,
         *,
         on_forward_start: Callable[[tuple[Any, ...], dict[str, Any]], bool],
-        wanted: Callable[[], bool],
+        wanted: Callable[[str], bool],
     ) -> None:
         self.root = root
         self.listener = listener
@@ -523,14 +523,15 @@ class UseTracker:
             self._exit()
 
     def _site_pre(self, module: nn.Module, args: Any) -> None:
+        site = self.names.get(id(module), "?")
         active = bool(self._depth) or (
-            module.training and torch.is_grad_enabled() and self.wanted()
+            module.training and torch.is_grad_enabled() and self.wanted(site)
         )
         # Pre and post hooks of module calls nest, so a stack pairs them (a flag on the module
         # would be shared with any other tracker on the same model).
         self._site_frames.append(active)
         if active:
-            self._enter(self.names.get(id(module), "?"))
+            self._enter(site)
 
     def _site_post(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._site_frames and self._site_frames.pop():
