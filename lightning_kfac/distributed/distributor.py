@@ -33,8 +33,12 @@ from lightning_kfac.distributed.assignment import assign_by_cost, decomposition_
 from lightning_kfac.distributed.comm import BucketedAllReduce, Piece, broadcast_flat, piece_numel
 from lightning_kfac.kfac.blocks import Block
 from lightning_kfac.kfac.distribution import Distributor, Result
+from lightning_kfac.kfac.factors import KroneckerFactor
 from lightning_kfac.kfac.options import ComputeMethod, DistributionMode
 from lightning_kfac.kfac.uses import UseSpec
+
+#: A factor, the decomposition tensors it received, and whether they are all finite (0-d).
+Received = tuple[KroneckerFactor, dict[str, Tensor], Tensor]
 
 
 class TorchDistributedDistributor(Distributor):
@@ -193,12 +197,16 @@ class TorchDistributedDistributor(Distributor):
             decompose(owned)
         if self.mode == DistributionMode.BROADCAST_GRADIENTS:
             return  # decompositions stay with their owners
+        received: list[Received] = []
         for owner in range(self.world_size):
             members = [block for block in blocks if self.owner(block) == owner]
             if members:
-                self._broadcast_decompositions(members, owner)
+                received += self._broadcast_decompositions(members, owner)
+        self._keep_finite(received)
 
-    def _broadcast_decompositions(self, blocks: list[Block], owner: int) -> None:
+    def _broadcast_decompositions(self, blocks: list[Block], owner: int) -> list[Received]:
+        """Broadcast ``owner``'s decompositions of ``blocks``; every rank gets, per factor, the
+        tensors that travelled and whether they are finite (see ``_keep_finite``)."""
         sending = owner == self.rank
         slots: list[tuple[int, int, str, Tensor]] = []
         for position, block in enumerate(blocks):
@@ -224,19 +232,28 @@ class TorchDistributedDistributor(Distributor):
         received: dict[tuple[int, int], dict[str, Tensor]] = {}
         for position, side, name, tensor in slots:
             received.setdefault((position, side), {})[name] = tensor
-        # A decomposition that failed travelled as NaN: every rank drops it alike (one host read
-        # per broadcast, on inverse-update steps), so every rank retries it at the next step.
-        keys = [(p, s) for p, b in enumerate(blocks) for s in range(len(b.factors))]
-        finite = torch.stack(
-            [
-                torch.stack([torch.isfinite(t).all() for t in received[k].values()]).all()
-                for k in keys
-            ]
-        ).tolist()
-        for (position, side), ok in zip(keys, finite, strict=True):
-            blocks[position].factors[side].set_decomposition(
-                received[(position, side)] if ok else None
+        return [
+            (
+                factor,
+                received[(position, side)],
+                torch.stack(
+                    [torch.isfinite(t).all() for t in received[(position, side)].values()]
+                ).all(),
             )
+            for position, block in enumerate(blocks)
+            for side, factor in enumerate(block.factors)
+        ]
+
+    @staticmethod
+    def _keep_finite(received: list[Received]) -> None:
+        """Install the received decompositions. One that failed travelled as NaN: every rank drops
+        it alike, so every rank retries it at the next step (one host read for all of them, on
+        inverse-update steps)."""
+        if not received:
+            return
+        finite = torch.stack([ok for *_, ok in received]).tolist()
+        for (factor, tensors, _), ok in zip(received, finite, strict=True):
+            factor.set_decomposition(tensors if ok else None)
 
     def share_decompositions(self, blocks: Sequence[Block]) -> Callable[[], None]:
         """In ``broadcast_gradients`` mode decompositions live on their owners only: broadcast
@@ -262,7 +279,7 @@ class TorchDistributedDistributor(Distributor):
                 device=self._device(members[0]),
             )
             broadcast_flat([flags], self._global_rank(owner), self.group, flags.dtype)
-            self._broadcast_decompositions(members, owner)
+            self._keep_finite(self._broadcast_decompositions(members, owner))
             for (present, changed), factor in zip(
                 flags.tolist(), [f for b in members for f in b.factors], strict=True
             ):
