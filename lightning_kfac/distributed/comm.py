@@ -158,8 +158,9 @@ class BucketedAllReduce:
         self.bytes_communicated += bucket.buffer.numel() * bucket.buffer.element_size()
         bucket.work = dist.all_reduce(bucket.buffer, group=self.group, async_op=True)
 
-    def finish(self, items: dict[int, Sequence[Piece]]) -> None:
-        """Launch what is left (``items`` not marked ready yet), wait, write the sums back."""
+    def finish(self, items: dict[int, Sequence[Piece]]) -> dict[int, Sequence[Piece]]:
+        """Launch what is left (``items`` not marked ready yet), wait, write the sums back.
+        Returns every item's pieces (those marked ready early too), now holding the sums."""
         for index, pieces in items.items():
             self._add(index, pieces)
         for bucket in self.buckets[self._next_launch :]:
@@ -172,7 +173,9 @@ class BucketedAllReduce:
                 bucket.work.wait()
                 assert bucket.buffer is not None
                 unpack_(bucket.buffer, bucket.sent)
+        summed = {index: p for bucket in self.buckets for index, p in bucket.pieces.items()}
         self.reset_step()
+        return summed
 
     def reset_step(self) -> None:
         """Drop this step's pieces (after ``finish``, or for a skipped step: waits first)."""

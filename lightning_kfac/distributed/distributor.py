@@ -168,11 +168,7 @@ class TorchDistributedDistributor(Distributor):
             index = self._index[id(block)]
             if not self.allreduce.is_ready(index):
                 pieces[index] = self._pieces(block)
-        held = {index: list(p) for index, p in pieces.items()}
-        for bucket in self.allreduce.buckets:  # pieces launched early, before finish
-            for index, p in bucket.pieces.items():
-                held.setdefault(index, list(p))
-        self.allreduce.finish(pieces)
+        held = self.allreduce.finish(pieces)
         out: list[list[Tensor] | None] = []
         for block in blocks:
             item = held[self._index[id(block)]]
