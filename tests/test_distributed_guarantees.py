@@ -206,6 +206,45 @@ def test_tied_embedding_replicas_stay_bitwise_identical(tmp_path: Path, mode: st
 
 
 # -- 3. a branch taken on some ranks only ----------------------------------------------------------
+class SkipsABatch(TinyClassifier):
+    """``training_step`` returns None for batch 2 of every epoch: Lightning runs no backward and
+    takes no optimizer step for it — after its forward (traced by K-FAC), or before any forward
+    (``before_forward``: K-FAC never sees that batch)."""
+
+    def __init__(self, *, before_forward: bool, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.before_forward = before_forward
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        if batch_idx == 2 and self.before_forward:
+            return None
+        loss = super().training_step(batch, batch_idx)
+        return None if batch_idx == 2 else loss
+
+
+def test_training_step_returning_none_drops_what_kfac_captured(tmp_path: Path) -> None:
+    """Lightning allows skipping a step this way on one process only (it raises in distributed
+    training). It still counts the step; K-FAC drops the skipped batch's traced forward and takes
+    no step: 8 optimizer steps over batches 0-5 and 0-1 with batch 2 skipped are 7 K-FAC steps,
+    nothing left pending, and factors and weights bitwise those of a run that skipped batch 2
+    before its forward."""
+    runs = {}
+    for before_forward in (False, True):
+        strategy = KFACDDPStrategy(start_method="popen", kl_clip=1e-2)
+        module = SkipsABatch(before_forward=before_forward, batch_size=16, lr=0.05)
+        trainer = fit_in_process(tmp_path, module, strategy, max_steps=8)
+        pre = strategy.preconditioner
+        assert trainer.global_step == 8 and pre.steps == 7
+        assert all(block.open_calls == 0 for block in pre.blocks.values())
+        tensors = {n: p.detach().clone() for n, p in module.named_parameters()}
+        for name, block in pre.blocks.items():
+            tensors |= {f"{name}[{i}]": f.value for i, f in enumerate(block.factors)}
+        runs[before_forward] = tensors
+    assert runs[False].keys() == runs[True].keys()
+    for name, value in runs[False].items():
+        assert torch.equal(value, runs[True][name]), name
+
+
 def branch_factors(inputs: torch.Tensor, gradient: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """DESIGN §2 for ``s = W x + b``: ``A = mean a aᵀ``, ``a = [x; 1]``; ``G = mean g gᵀ`` with
     ``g = N ·`` (the hook's gradient of the mean loss)."""

@@ -364,13 +364,12 @@ class KFACPreconditioner:
     def discard_captured(self) -> None:
         """Drop what the hooks captured since the last step (a step the AMP scaler skips)."""
         for block in self.capture.blocks.values():
-            block.finish_capture()
+            block.discard_capture()
             block.use_gradients.clear()
         if self.structure is not None and not self._restructure:
+            # A distributed step still runs its reduction (of zeros for what was dropped here):
+            # some buckets may have launched during the backward pass, on every rank.
             self.distributor.discard(list(self.blocks.values()))
-        else:
-            for block in self.capture.blocks.values():
-                block.discard_capture()
 
     # -- step ------------------------------------------------------------------------------
     def step(self, *, grad_scale: float | Tensor = 1.0) -> None:
