@@ -360,10 +360,12 @@ class BlockShape:
         if self.kind == "norm":
             (f,) = self.factors
             return 2.0 * f.blocks * f.dim**2  # one u uᵀ per sample and channel
-        total = 0.0
-        for f in self.factors:
-            total += 2.0 * self.rows * f.blocks * f.dim * (1 if f.diagonal else f.dim)
-        return total
+        return sum(self.side_flops(self.rows))
+
+    def side_flops(self, rows: float) -> list[float]:
+        """Per factor, the FLOPs of its batch from ``rows`` rows: ``2·rows·d²`` dense, ``2·rows·d``
+        diagonal."""
+        return [2.0 * rows * f.blocks * f.dim * (1 if f.diagonal else f.dim) for f in self.factors]
 
     @property
     def precondition_flops(self) -> float:

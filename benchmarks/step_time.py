@@ -185,11 +185,8 @@ def flop_terms(workload: str, batch: int, max_rows: int | None) -> dict[str, flo
             continue
         site = block.name.split("@")[0].removesuffix(".weight")
         module = modules.get(site)
-        a, g = block.factors
-        sampled_rows = min(rows, max_rows) if max_rows else rows
-        g_flops = 2.0 * sampled_rows * g.blocks * g.dim * (1 if g.diagonal else g.dim)
-        a_flops = 2.0 * sampled_rows * a.blocks * a.dim * (1 if a.diagonal else a.dim)
-        if isinstance(module, nn.Conv2d) and not max_rows and not a.diagonal:
+        a_flops, g_flops = block.side_flops(min(rows, max_rows) if max_rows else rows)
+        if isinstance(module, nn.Conv2d) and not max_rows and not block.factors[0].diagonal:
             geometry = ConvGeometry.from_call(
                 inputs[site], tuple(module.weight.shape), module.stride, module.padding,
                 module.dilation, module.groups,
