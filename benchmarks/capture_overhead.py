@@ -40,12 +40,8 @@ if __package__ in (None, ""):
 
 from lightning_kfac import KFACPreconditioner
 from lightning_kfac.kfac import linalg
-from lightning_kfac.kfac.tracing import (
-    ParameterIndex,
-    RecognizedCall,
-    UseListener,
-    UseTracker,
-)
+from lightning_kfac.kfac.calls import RecognizedCall
+from lightning_kfac.kfac.tracing import ParameterIndex, UseListener, UseTracker
 
 
 def workloads() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple[Tensor, Tensor]]]]:
@@ -59,11 +55,20 @@ def workloads() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple[T
 
 
 class NoOpListener(UseListener):
-    def __init__(self, model: nn.Module) -> None:
+    """Traces (at the sites, or the whole forward) and captures nothing."""
+
+    def __init__(self, model: nn.Module, whole: bool) -> None:
         self.index = ParameterIndex(list(model.named_parameters()))
+        self.whole = whole
 
     def on_call(self, call: RecognizedCall, site: str) -> Any:
         return call.run()
+
+    def on_forward_start(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        return self.whole
+
+    def wants(self, site: str) -> bool:
+        return True
 
 
 def hooks(model: nn.Module, compute: bool) -> list[Any]:
@@ -128,10 +133,7 @@ def variants(
 
     def with_tracer(whole: bool) -> Callable[[], None]:
         def run() -> None:
-            listener = NoOpListener(model)
-            tracker = UseTracker(
-                model, listener, on_forward_start=lambda a, k: whole, wanted=lambda site: True
-            )
+            tracker = UseTracker(model, NoOpListener(model, whole))
             if whole:
                 tracker.start_discovery()
             else:

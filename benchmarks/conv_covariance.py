@@ -7,7 +7,7 @@ For each convolution of the small CNN of the field notes (batch 128, 3x3: C=3 at
 128 at 8x8) and of a small ResNet (stem 16, stages 16/32/64: the stem, the 3x3 convolutions of
 each stage, the 1x1 stride-2 shortcuts; the workload ``benchmarks/step_time.py`` timed before its
 CNN), both constructions of
-:func:`lightning_kfac.kfac.convolution.patch_covariance_sum` run in float32 on the same input,
+:func:`lightning_kfac.kfac.patches.patch_covariance_sum` run in float32 on the same input,
 round-robin (every round times one call of each method, so machine-load drift hits both alike);
 reported are the median per-call times, the speed-up (GEMM time / correlation time), the FLOP
 ratio of the two FLOP models (correlation / GEMM), the method ``auto`` picks, and the float32
@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from lightning_kfac.kfac.convolution import (
+from lightning_kfac.kfac.patches import (
     ConvGeometry,
     CovarianceMethod,
     choose_method,

@@ -63,8 +63,8 @@ if __package__ in (None, ""):
 from lightning_kfac import KFACPreconditioner
 from lightning_kfac.distributed.assignment import assign_by_cost
 from lightning_kfac.distributed.comm import BucketedAllReduce
+from lightning_kfac.kfac.kinds import KroneckerModel
 from lightning_kfac.kfac.options import ComputeMethod, DistributionMode
-from lightning_kfac.kfac.uses import KroneckerModel
 
 WORLD_SIZES = tuple(2**k for k in range(3, 11))  # 8 ... 1024
 INTERVALS = ((1, 10), (10, 100))  # (factor_update_interval, inverse_update_interval)

@@ -8,7 +8,7 @@ Workloads:
 - ``cnn``: 3 × [conv 3×3 + BatchNorm + ReLU (+ 2×2 max-pool)] with 3 → 32 → 64 → 128 channels
   on 32×32 inputs, global pooling and a linear head; batch 128 per process. The convolutions'
   ``A`` factors dominate K-FAC's cost; they are exact, built from shifted correlations where
-  that is cheaper (``lightning_kfac.kfac.convolution``).
+  that is cheaper (``lightning_kfac.kfac.patches``).
 - ``transformer``: a Linear-heavy transformer LM (embedding, 2 encoder layers with MHA,
   d=256, FFN 1024, tied head over 1,000 tokens); batch 16 × 64 tokens per process.
 
@@ -56,7 +56,7 @@ if __package__ in (None, ""):
 
 from lightning_kfac import KFACPreconditioner
 from lightning_kfac.distributed import TorchDistributedDistributor
-from lightning_kfac.kfac.convolution import (
+from lightning_kfac.kfac.patches import (
     ConvGeometry,
     choose_method,
     patch_covariance_flops,
@@ -240,8 +240,8 @@ def make_step(
             factor_max_rows=max_rows if sampled else None,
             distributor=distributor,
             report=False,
+            is_final_backward=lambda: True,
         )
-        pre.is_final_backward = lambda: True
         step_kfac = pre.step
 
     def step() -> None:

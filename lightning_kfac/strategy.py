@@ -133,22 +133,23 @@ class KFACStrategyMixin:
                 bucket_cap_bytes=int(self.kfac_options.factor_bucket_cap_mb * 2**20),
                 device=self.root_device,  # type: ignore[attr-defined]
             )
-        pre = KFACPreconditioner(
+        self.preconditioner = KFACPreconditioner(
             module,
             options=self.kfac_options,
             optimizer=optimizers[0],
             grad_scaler=getattr(self.precision_plugin, "scaler", None),  # type: ignore[attr-defined]
             distributor=distributor,
             report=self.global_rank == 0,  # type: ignore[attr-defined]
+            # Lightning divides each micro-batch's loss by the accumulation count
+            loss_scale=(
+                1.0 / trainer.accumulate_grad_batches if module.automatic_optimization else 1.0
+            ),
+            # DDP synchronises on the last micro-batch only
+            is_final_backward=lambda: bool(
+                getattr(self.model, "require_backward_grad_sync", True)  # type: ignore[attr-defined]
+            ),
+            profile=trainer.profiler.profile,
         )
-        pre.loss_scale = (
-            1.0 / trainer.accumulate_grad_batches if module.automatic_optimization else 1.0
-        )
-        pre.profile = trainer.profiler.profile
-        pre.is_final_backward = lambda: bool(
-            getattr(self.model, "require_backward_grad_sync", True)  # type: ignore[attr-defined]
-        )
-        self.preconditioner = pre
         self._reported_structure = None
 
     @override
@@ -211,12 +212,13 @@ class KFACStrategyMixin:
                 )
 
     def _log_figures(self, pre: KFACPreconditioner) -> None:
-        info = pre.last_step_info
-        figures: dict[str, Any] = {"kfac/damping": float(info["damping"])}
-        if info.get("kl_scale") is not None:
-            figures["kfac/kl_scale"] = info["kl_scale"].to(torch.float32)
+        record = pre.last_step
+        assert record is not None
+        figures: dict[str, Any] = {"kfac/damping": float(record.damping)}
+        if record.kl_scale is not None:
+            figures["kfac/kl_scale"] = record.kl_scale.to(torch.float32)
         for stage in ("factors", "inverses", "precondition"):
-            figures[f"kfac/{stage}_time_ms"] = 1000.0 * info.get(f"{stage}_time", 0.0)
+            figures[f"kfac/{stage}_time_ms"] = 1000.0 * record.seconds.get(stage, 0.0)
         distributor = pre.distributor
         if isinstance(distributor, TorchDistributedDistributor):
             # float64: Lightning keeps a Python float as float32, exact only below 2**24 bytes.

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_kfac.kfac.convolution import (
+from lightning_kfac.kfac.patches import (
     ConvGeometry,
     CovarianceMethod,
     choose_method,

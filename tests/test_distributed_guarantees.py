@@ -235,7 +235,7 @@ def test_training_step_returning_none_drops_what_kfac_captured(tmp_path: Path) -
         trainer = fit_in_process(tmp_path, module, strategy, max_steps=8)
         pre = strategy.preconditioner
         assert trainer.global_step == 8 and pre.steps == 7
-        assert all(block.open_calls == 0 for block in pre.blocks.values())
+        assert all(block.sums.open_calls == 0 for block in pre.blocks.values())
         tensors = {n: p.detach().clone() for n, p in module.named_parameters()}
         for name, block in pre.blocks.items():
             tensors |= {f"{name}[{i}]": f.value for i, f in enumerate(block.factors)}

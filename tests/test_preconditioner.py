@@ -109,8 +109,8 @@ def test_gradient_accumulation_with_loss_scale_equals_concatenated_batch() -> No
     pre_full.step()
 
     accumulated = make_mlp(True)
-    pre_acc = KFACPreconditioner(accumulated, kl_clip=None)
-    pre_acc.loss_scale = 0.5 * 1024.0  # 1/2 for two micro-batches, times an AMP-like scale
+    # 1/2 for two micro-batches, times an AMP-like scale
+    pre_acc = KFACPreconditioner(accumulated, kl_clip=None, loss_scale=0.5 * 1024.0)
     for half in (slice(0, 8), slice(8, 16)):
         (F.cross_entropy(accumulated(x[half]), y[half]) * pre_acc.loss_scale).backward()
     for p in accumulated.parameters():
@@ -135,7 +135,7 @@ def test_grad_scaler_scale_is_divided_out_of_factors_and_kl_clip() -> None:
     pre_plain.step()
     scaler.scale(F.cross_entropy(scaled(x), y)).backward()
     pre_scaled.step(grad_scale=scaler.get_scale())  # before unscale_: KL-clip divides it out
-    assert float(pre_plain.last_step_info["kl_scale"]) < 1.0
+    assert float(pre_plain.last_step.kl_scale) < 1.0
     for name in ("0", "2"):
         assert_close(
             pre_scaled.block(f"{name}.weight").g.value,
@@ -278,7 +278,7 @@ def test_kl_clip_reads_the_current_learning_rate_of_each_param_group() -> None:
             lr**2 * float((_matrix(model, n) * raw[n]).sum())
             for n, lr in (("0", 0.1 * lr_factor), ("2", 0.2 * lr_factor))
         )
-        scales.append(float(pre.last_step_info["kl_scale"]))
+        scales.append(float(pre.last_step.kl_scale))
         # ν = sqrt(κ / S) with S = Σ lr² <P, dW>; the step holds νP, so Σ lr² <νP, dW> = κ / ν
         nu = scales[-1]
         assert nu < 1.0

@@ -53,14 +53,16 @@ def test_update_intervals_are_honoured_exactly() -> None:
         x, y = data(step)
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
-        (layer,) = [b for b in pre.capture.blocks.values() if b.spec.site == "0"]
-        captured_before_step.append(layer.a.has_sum)
-        before = layer.a.updates
-        old_decomposition = layer.a.decomposition
+        (layer,) = [s for spec, s in pre.capture.uses.items() if spec.site == "0"]
+        captured_before_step.append(layer.has_sums)
+        a_factor = pre.block("0.weight").a if pre.blocks else None
+        before = a_factor.updates if a_factor else 0
+        old_decomposition = a_factor.decomposition if a_factor else None
         pre.step()
         opt.step()
-        factor_updates.append(layer.a.updates > before)
-        decompositions.append(layer.a.decomposition is not old_decomposition)
+        a_factor = pre.block("0.weight").a
+        factor_updates.append(a_factor.updates > before)
+        decompositions.append(a_factor.decomposition is not old_decomposition)
     assert [s for s, c in enumerate(captured_before_step) if c] == [0, 3, 6, 9, 12]
     assert [s for s, u in enumerate(factor_updates) if u] == [0, 3, 6, 9, 12]
     assert [s for s, d in enumerate(decompositions) if d] == [0, 4, 8, 12]
@@ -77,7 +79,7 @@ def test_no_capture_in_eval_or_no_grad() -> None:
     with torch.no_grad():
         model(x)
     assert pre.capture.training_forwards == 0
-    assert not any(f.has_sum for block in pre.capture.blocks.values() for f in block.factors)
+    assert not any(sums.has_sums for sums in pre.capture.uses.values())
 
 
 def test_schedules_are_evaluated_at_each_step() -> None:
@@ -94,7 +96,7 @@ def test_schedules_are_evaluated_at_each_step() -> None:
     )
     train(model, pre, opt, range(3))
     assert sorted(set(seen)) == [0, 1, 2]
-    assert pre.last_step_info["damping"] == pytest.approx(1e-2 / 3)
+    assert pre.last_step.damping == pytest.approx(1e-2 / 3)
 
 
 def test_running_average_first_update_is_batch_then_decays() -> None:

@@ -302,7 +302,7 @@ def test_validate_test_and_predict_leave_kfac_untouched(tmp_path: Path) -> None:
     model(torch.zeros(3, 2, 6, 6, dtype=torch.float64)).sum().backward()
     assert pre.steps == steps == 2
     for name, block in pre.blocks.items():
-        assert not block.a.has_sum and not block.g.has_sum
+        assert not any(side.has_sum for side in block.sums.sides)
         assert torch.equal(block.a.value, factors[name][0])
         assert torch.equal(block.g.value, factors[name][1])
 

@@ -23,7 +23,7 @@ owner does.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -32,9 +32,10 @@ from torch import Tensor
 from lightning_kfac.distributed.assignment import assign_by_cost, decomposition_cost
 from lightning_kfac.distributed.comm import BucketedAllReduce, Piece, broadcast_flat, piece_numel
 from lightning_kfac.kfac.blocks import Block
-from lightning_kfac.kfac.distribution import Distributor, Result
+from lightning_kfac.kfac.compute import EigenInverse, FactorInverse
+from lightning_kfac.kfac.distribution import Distributor, Faults, Result
 from lightning_kfac.kfac.factors import KroneckerFactor
-from lightning_kfac.kfac.options import ComputeMethod, DistributionMode
+from lightning_kfac.kfac.options import DistributionMode
 from lightning_kfac.kfac.uses import UseSpec
 
 #: A factor, the decomposition tensors it received, and whether they are all finite (0-d).
@@ -68,7 +69,7 @@ class TorchDistributedDistributor(Distributor):
         self.mode = DistributionMode(mode)
         self.bucket_cap_bytes = bucket_cap_bytes
         self.device = device or torch.device("cpu")
-        self.method = ComputeMethod.EIGEN
+        self.inverse: FactorInverse = EigenInverse()
         self.inverse_dtype = torch.float32
         self.owners: list[int] = []
         self._index: dict[int, int] = {}
@@ -100,11 +101,11 @@ class TorchDistributedDistributor(Distributor):
         return list(merged)
 
     def setup(
-        self, blocks: Sequence[Block], method: ComputeMethod, inverse_dtype: torch.dtype
+        self, blocks: Sequence[Block], inverse: FactorInverse, inverse_dtype: torch.dtype
     ) -> None:
         if self.allreduce is not None:
             self.allreduce.reset_step()
-        self.method = method
+        self.inverse = inverse
         self.inverse_dtype = inverse_dtype
         self._index = {id(block): index for index, block in enumerate(blocks)}
         self.owners = assign_by_cost([decomposition_cost(b) for b in blocks], self.world_size)
@@ -145,10 +146,10 @@ class TorchDistributedDistributor(Distributor):
     # -- factors ---------------------------------------------------------------------------
     def _pieces(self, block: Block) -> list[Piece]:
         """The block's sums and counts (zeros and count 0 when it captured nothing here)."""
-        device = self._device(block)
         sums, counts = [], []
-        for factor in block.factors:
-            total, count = factor.take_sum(device)
+        for factor, (total, count) in zip(
+            block.factors, block.take_sums(self._device(block)), strict=True
+        ):
             sums.append((total, not factor.diagonal))
             counts.append((count.reshape(1), False))
         return sums + counts
@@ -186,19 +187,19 @@ class TorchDistributedDistributor(Distributor):
 
     # -- decompositions --------------------------------------------------------------------
     def run_decompositions(
-        self, blocks: Sequence[Block], decompose: Callable[[list[Block]], None]
-    ) -> None:
+        self, blocks: Sequence[Block], decompose: Callable[[list[Block]], Faults]
+    ) -> Faults:
         owned = [block for block in blocks if self.owner(block) == self.rank]
-        if owned:
-            decompose(owned)
+        faults = decompose(owned) if owned else {}
         if self.mode == DistributionMode.BROADCAST_GRADIENTS:
-            return  # decompositions stay with their owners
+            return faults  # decompositions stay with their owners
         received: list[Received] = []
         for owner in range(self.world_size):
             members = [block for block in blocks if self.owner(block) == owner]
             if members:
                 received += self._broadcast_decompositions(members, owner)
         self._keep_finite(received)
+        return faults
 
     def _broadcast_decompositions(self, blocks: list[Block], owner: int) -> list[Received]:
         """Broadcast ``owner``'s decompositions of ``blocks``; every rank gets, per factor, the
@@ -207,10 +208,8 @@ class TorchDistributedDistributor(Distributor):
         slots: list[tuple[int, int, str, Tensor]] = []
         for position, block in enumerate(blocks):
             device = self._device(block)
-            for side, (factor, shapes) in enumerate(
-                zip(block.factors, block.decomposition_shapes(self.method), strict=True)
-            ):
-                for name, shape in shapes.items():
+            for side, factor in enumerate(block.factors):
+                for name, shape in self.inverse.decomposition_shapes(factor).items():
                     decomposition = factor.decomposition
                     if sending and decomposition is not None:
                         tensor = decomposition[name].to(self.inverse_dtype).contiguous()
@@ -291,34 +290,37 @@ class TorchDistributedDistributor(Distributor):
         return restore
 
     # -- use gradients -----------------------------------------------------------------------
-    def average_use_gradients(self, blocks: Sequence[Block]) -> None:
-        tensors: list[Tensor] = []
-        slots: list[tuple[Block, str]] = []
+    def average_use_gradients(
+        self, blocks: Sequence[Block], use_gradients: Mapping[str, Mapping[str, Tensor]]
+    ) -> Mapping[str, Mapping[str, Tensor]]:
+        slots: list[tuple[Block, str, Tensor]] = []
         for block in blocks:
+            held = use_gradients.get(block.name, {})
             for role, view in (("weight", block.spec.weight), ("bias", block.spec.bias)):
                 if view is None or role not in block.alias_parts:
                     continue
-                held = block.use_gradients.get(role)
-                if held is None:
+                tensor = held.get(role)
+                if tensor is None:  # this rank's forward did not make this use
                     shape = block.model.view_shape(view)
                     dtype = block.factor_dtype
-                    held = torch.zeros(shape, dtype=dtype, device=self._device(block))
-                tensors.append(held)
-                slots.append((block, role))
-        if not tensors:
-            return
-        dtype = tensors[0].dtype
-        flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
+                    tensor = torch.zeros(shape, dtype=dtype, device=self._device(block))
+                slots.append((block, role, tensor))
+        if not slots:
+            return use_gradients
+        dtype = slots[0][2].dtype
+        flat = torch.cat([t.reshape(-1).to(dtype) for *_, t in slots])
         dist.all_reduce(flat, group=self.group)
         flat.div_(self.world_size)
         self.broadcast_bytes += flat.numel() * flat.element_size()
+        averaged: dict[str, dict[str, Tensor]] = {}
         offset = 0
-        for (block, role), tensor in zip(slots, tensors, strict=True):
+        for block, role, tensor in slots:
             count = tensor.numel()
-            block.use_gradients[role] = (
+            averaged.setdefault(block.name, {})[role] = (
                 flat[offset : offset + count].view(tensor.shape).to(tensor.dtype)
             )
             offset += count
+        return averaged
 
     # -- preconditioning -------------------------------------------------------------------
     def precondition(

@@ -2,6 +2,7 @@
 
 from lightning_kfac.kfac.distribution import Distributor, LocalDistributor
 from lightning_kfac.kfac.factors import KroneckerFactor
+from lightning_kfac.kfac.faults import KFACCoverageWarning, KFACNumericalWarning
 from lightning_kfac.kfac.options import (
     ComputeMethod,
     DistributionMode,
@@ -9,11 +10,7 @@ from lightning_kfac.kfac.options import (
     KFACOptions,
     NonFiniteGradients,
 )
-from lightning_kfac.kfac.preconditioner import (
-    KFACCoverageWarning,
-    KFACNumericalWarning,
-    KFACPreconditioner,
-)
+from lightning_kfac.kfac.preconditioner import KFACPreconditioner, StepRecord
 
 __all__ = [
     "ComputeMethod",
@@ -27,4 +24,5 @@ __all__ = [
     "KroneckerFactor",
     "LocalDistributor",
     "NonFiniteGradients",
+    "StepRecord",
 ]

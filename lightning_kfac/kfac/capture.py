@@ -1,36 +1,36 @@
-"""UseCapture: routes the calls the tracer sees to the blocks of their uses.
+"""UseCapture: routes the calls the tracer sees to the sums of their uses.
 
 Micro-batch boundaries come from the root module's forward: each training forward of the root
 (in Lightning, the redirected ``training_step``) starts a new forward id and sets the batch size
 ``N`` — dimension ``batch_dim`` (default 0, Lightning's rule for batches) of the first tensor
-among the forward's arguments.
-All calls of one use within one forward are weight-sharing positions of that use.
+among the forward's arguments. All calls of one use within one forward are weight-sharing
+positions of that use.
 
-Until the structure is fixed (the first ``step()``), every recognised call is recorded as a
-``UseSpec``; afterwards calls of a known use are captured, and calls of an unknown use are kept
-in ``unexpected`` for the preconditioner to pick up at its next inverse update.
+While discovering (the first training forward, and after parameters become trainable) every
+recognised call's use is recorded (``discovered``) and gets its ``UseSums`` at once, so that the
+first step already captures. Once the structure is fixed (``set_structure``) calls of a kept use
+are captured, and calls of an unknown use are kept in ``unexpected`` until the preconditioner
+agrees on them (``take_unexpected``, ``adopt``). The capture never builds blocks: blocks are made
+from the fixed structure by the preconditioner and read these sums (``accumulation``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_kfac.kfac.blocks import Block, PendingCall
-from lightning_kfac.kfac.tracing import (
-    ParameterIndex,
-    ParameterView,
-    RecognizedCall,
-    UseKind,
-    UseListener,
-    UseTracker,
-    tensors_in,
-)
-from lightning_kfac.kfac.uses import UseSpec, make_model, spec_from_call
+from lightning_kfac.kfac.accumulation import PendingCall, RowSampler, UseSums
+from lightning_kfac.kfac.calls import ParameterView, RecognizedCall, tensors_in
+from lightning_kfac.kfac.kinds import kind_named, make_model
+from lightning_kfac.kfac.options import KFACApproximation
+from lightning_kfac.kfac.parameters import TrackedParameters
+from lightning_kfac.kfac.tracing import ParameterIndex, UseListener, UseTracker
+from lightning_kfac.kfac.uses import UseSpec
 
 
 def first_tensor_batch_size(values: Iterable[Any], dim: int = 0) -> int | None:
@@ -50,58 +50,84 @@ def first_tensor_batch_size(values: Iterable[Any], dim: int = 0) -> int | None:
     return None
 
 
+def batch_dim_hints(root: nn.Module) -> dict[str, int]:
+    """The sample dimension of calls made in each module, where the model says it: inside
+    ``nn.MultiheadAttention`` projections see ``(L, N, E)``; modules under a parent with a
+    ``batch_first`` attribute follow it. Computed once, outside any traced forward."""
+    modules = dict(root.named_modules())
+    hints: dict[str, int] = {}
+    for site, module in modules.items():
+        if isinstance(module, nn.MultiheadAttention):
+            hints[site] = 1
+            continue
+        parts = site.split(".") if site else []
+        for depth in range(len(parts), -1, -1):
+            flag = getattr(modules.get(".".join(parts[:depth])), "batch_first", None)
+            if isinstance(flag, bool):
+                hints[site] = 0 if flag else 1
+                break
+    return hints
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptureSettings:
+    """What the capture needs of the options."""
+
+    factor_dtype: torch.dtype
+    approximation: KFACApproximation
+    factor_max_rows: int | None
+    max_factor_dim: int
+    batch_dim: int = 0
+
+
 class UseCapture(UseListener):
-    """Receives recognised calls; creates blocks while discovering, feeds them afterwards.
+    """Receives recognised calls and feeds the sums of their uses.
 
     Args:
         root: The model whose training forward delimits micro-batches.
-        named_parameters: The tracked (trainable, not skipped) parameters.
-        make_block: Builds the ``Block`` of a spec (the preconditioner's factory).
-        capturing: Whether the passes before the coming step feed the factors.
+        parameters: The tracked parameters (rescanned at each training forward).
+        settings: Dtype, approximation, row sampling and factor sides.
         loss_scale: The current factor between the backpropagated and the mean loss.
-        on_block_complete: Called when a block's last call of the final micro-batch got its
-            gradient (to start reducing its factors early).
-        on_forward: Called at the start of every training forward of the root.
+        on_complete: Called with a use's spec when its last call of a backward got its
+            gradient (the preconditioner may start reducing its sums early).
     """
 
     def __init__(
         self,
         root: nn.Module,
-        named_parameters: list[tuple[str, nn.Parameter]],
+        parameters: TrackedParameters,
+        settings: CaptureSettings,
         *,
-        make_block: Callable[[UseSpec], Block],
-        capturing: Callable[[], bool],
         loss_scale: Callable[[], float | Tensor],
-        on_block_complete: Callable[[Block], None],
-        on_forward: Callable[[], None],
-        batch_dim: int = 0,
+        on_complete: Callable[[UseSpec], None],
     ) -> None:
         self.root = root
-        self.batch_dim = batch_dim
-        self.index = ParameterIndex(named_parameters)
-        self.make_block = make_block
-        self.capturing = capturing
+        self.parameters = parameters
+        self.settings = settings
         self.loss_scale = loss_scale
-        self.on_block_complete = on_block_complete
-        self.on_forward = on_forward
+        self.on_complete = on_complete
+        self.index = ParameterIndex(list(parameters.tracked.items()))
+        self.batch_dim_hints = batch_dim_hints(root)
+        #: Whether the passes before the coming step feed the factors (``arm``).
+        self.capturing = True
         self.forward_id = 0
         self.batch_size = 1
         self.training_forwards = 0
-        #: Blocks by spec: provisional while discovering, the agreed structure afterwards.
-        self.blocks: dict[UseSpec, Block] = {}
+        #: The sums of every known use: discovered ones, then the agreed structure's.
+        self.uses: dict[UseSpec, UseSums] = {}
         #: Specs seen while discovering, in order of first sight.
         self.discovered: dict[UseSpec, None] = {}
         #: Specs seen after the structure was fixed that are not part of it.
         self.unexpected: dict[UseSpec, None] = {}
         #: Parameter name -> operations K-FAC cannot model that used it.
         self.unsupported: dict[str, set[str]] = {}
+        #: Parts of each kept use whose own gradient is collected (parameters with several uses).
+        self.alias_parts: Mapping[UseSpec, frozenset[str]] = {}
         #: Sites of uses whose parameter has other uses: traced on every step, since each use's
-        #: own gradient is needed to precondition it (``Block.needs_use_gradients``).
+        #: own gradient is needed to precondition it.
         self.use_gradient_sites: frozenset[str] = frozenset()
         self.root_is_site = False
-        self.tracker = UseTracker(
-            root, self, on_forward_start=self._forward_start, wanted=self._wanted
-        )
+        self.tracker = UseTracker(root, self)
 
     # -- configuration ----------------------------------------------------------------------
     @property
@@ -112,62 +138,92 @@ class UseCapture(UseListener):
         self.discovered = {}
         self.tracker.start_discovery()
 
-    def track(self, named_parameters: Iterable[tuple[str, nn.Parameter]]) -> None:
-        for name, param in named_parameters:
-            self.index.by_id[id(param)] = (name, param)
-
-    def set_structure(self, blocks: dict[UseSpec, Block], sites: Iterable[str]) -> None:
+    def set_structure(
+        self,
+        kept: Iterable[UseSpec],
+        alias_parts: Mapping[UseSpec, frozenset[str]],
+        sites: Iterable[str],
+    ) -> None:
+        """The agreed structure: capture only ``kept`` uses, trace only ``sites``."""
         sites = list(sites)
-        self.blocks = blocks
+        self.uses = {spec: self.sums_of(spec) for spec in kept}
+        self.alias_parts = alias_parts
         self.unexpected = {}
         self.root_is_site = "" in sites
         self.use_gradient_sites = frozenset(
-            spec.site for spec, block in blocks.items() if block.needs_use_gradients
+            spec.site for spec, parts in alias_parts.items() if parts
         )
         self.tracker.set_sites(sites)
+
+    def arm(self, capturing: bool) -> None:
+        """Whether the passes before the coming step feed the factors (set before each step)."""
+        self.capturing = capturing
+
+    def sums_of(self, spec: UseSpec) -> UseSums:
+        """The sums of ``spec`` (made now for a use this rank has not called yet)."""
+        sums = self.uses.get(spec)
+        if sums is None:
+            settings = self.settings
+            model = make_model(spec, self.index.shapes, settings.max_factor_dim)
+            sums = self.uses[spec] = UseSums(
+                model,
+                settings.factor_dtype,
+                approximation=settings.approximation,
+                sampler=RowSampler(settings.factor_max_rows, spec.stable_seed()),
+                batch_dim=self.batch_dim_hints.get(spec.site),
+            )
+        return sums
+
+    def adopt(self, specs: Iterable[UseSpec]) -> None:
+        """Uses agreed on elsewhere (other ranks, a checkpoint) join the discovered ones."""
+        for spec in specs:
+            self.discovered.setdefault(spec)
+            self.sums_of(spec)
+
+    def take_unexpected(self) -> list[UseSpec]:
+        unexpected, self.unexpected = list(self.unexpected), {}
+        return unexpected
+
+    def discard(self) -> None:
+        """Forget what was captured since the last step."""
+        for sums in self.uses.values():
+            sums.discard()
 
     def remove(self) -> None:
         self.tracker.remove()
 
-    # -- forward boundaries -------------------------------------------------------------------
-    def _wanted(self, site: str) -> bool:
-        return self.discovering or self.capturing() or site in self.use_gradient_sites
+    # -- forward boundaries (UseListener) -----------------------------------------------------
+    def wants(self, site: str) -> bool:
+        return self.discovering or self.capturing or site in self.use_gradient_sites
 
-    def _forward_start(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    def on_forward_start(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         if not (self.root.training and torch.is_grad_enabled()):
             return False
-        self.on_forward()
+        new = self.parameters.refresh()
+        if new:  # parameters became trainable: trace their uses in this forward
+            self.index.track(new)
+            self.start_discovery()
         self.forward_id += 1
         self.training_forwards += 1
         values = (*args, *kwargs.values())
-        self.batch_size = first_tensor_batch_size(values, self.batch_dim) or 1
-        return self.discovering or (self.root_is_site and self._wanted(""))
+        self.batch_size = first_tensor_batch_size(values, self.settings.batch_dim) or 1
+        return self.discovering or (self.root_is_site and self.wants(""))
 
-    # -- calls ----------------------------------------------------------------------------------
+    # -- calls (UseListener) ------------------------------------------------------------------
     def on_unsupported(self, view: ParameterView, operation: str, site: str) -> None:
         where = f" in {site!r}" if site else ""
         self.unsupported.setdefault(view.name, set()).add(f"{operation}{where}")
 
+    @staticmethod
     def _problem(
-        self, call: RecognizedCall, weight: ParameterView | None, bias: ParameterView | None
+        call: RecognizedCall, weight: ParameterView | None, bias: ParameterView | None
     ) -> str | None:
         if call.unsupported is not None:
             return call.unsupported
-        if weight is None and call.kind != UseKind.NORM:
-            return "bias of a weight K-FAC does not train (frozen or skipped)"
         for view in (weight, bias):
-            if view is not None and view.rows == (-1, -1):
+            if view is not None and view.is_unmodellable:
                 return f"{call.kind} with a view of the parameter that is not a row slice"
-        if call.kind != UseKind.LINEAR:
-            for view in (weight, bias):
-                if view is not None and (view.rows is not None or view.transposed):
-                    return f"{call.kind} with a slice of the parameter"
-        if call.kind == UseKind.LINEAR and bias is not None and weight is not None:
-            assert call.weight is not None and call.bias is not None  # both resolved
-            out_rows = call.weight.shape[-1 if call.transposed_form else 0]
-            if bias.transposed or call.bias.shape[0] != out_rows:
-                return "linear with a bias that does not match the weight's outputs"
-        return None
+        return kind_named(call.kind).model.problem(call, weight, bias)
 
     def on_call(self, call: RecognizedCall, site: str) -> Any:
         index = self.index
@@ -181,67 +237,54 @@ class UseCapture(UseListener):
         ]  # fmt: skip
         if weight is None and bias is None and not others:
             return call.run()
-        operation = getattr(call.func, "__name__", str(call.func))
         for view in others:
-            self.on_unsupported(view, f"{operation} (not as its weight)", site)
+            self.on_unsupported(view, f"{call.operation} (not as its weight)", site)
         problem = self._problem(call, weight, bias)
         if problem is not None:
             for view in (weight, bias):
                 if view is not None:
                     self.on_unsupported(view, problem, site)
             return call.run()
-        spec = spec_from_call(call, site, weight, bias)
-        block = self.blocks.get(spec)
-        if block is None:
-            if not self.discovering:
-                self.unexpected.setdefault(spec)
-                return call.run()
+        spec = UseSpec.of_call(call, site, weight, bias)
+        discovering = self.discovering
+        if spec not in self.uses and not discovering:
+            self.unexpected.setdefault(spec)
+            return call.run()
+        if discovering:
             self.discovered.setdefault(spec)
-            block = self.blocks[spec] = self.make_block(spec)
-        elif self.discovering:
-            self.discovered.setdefault(spec)
-        weight_arg = bias_arg = None
+        sums = self.sums_of(spec)
         # While discovering, which parameters have several uses is not known yet (the structure
         # is fixed in step()): keep every use's own gradient, so that the first step can already
         # sum the uses' preconditioned gradients of a tied parameter.
-        if block.needs_use_gradients or self.discovering:
-            discovering = self.discovering
+        aliased = self.alias_parts.get(spec, frozenset())
+        weight_arg = bias_arg = None
+        if aliased or discovering:
             weight_arg = self._alias(
-                call.weight, block, "weight", always=discovering and weight is not None
+                call.weight, sums, "weight", "weight" in aliased or (discovering and weight)
             )
             bias_arg = self._alias(
-                call.bias, block, "bias", always=discovering and bias is not None
+                call.bias, sums, "bias", "bias" in aliased or (discovering and bias)
             )
         output = call.run(weight_arg, bias_arg)
-        if self.capturing() and isinstance(output, Tensor) and output.requires_grad:
+        if self.capturing and isinstance(output, Tensor) and output.requires_grad:
             with torch.autocast(device_type=output.device.type, enabled=False):
-                pending = block.begin_call(call.input, self.forward_id, self.batch_size, call)
-            output.register_hook(functools.partial(self._output_gradient, block, pending))
+                pending = sums.begin_call(call.input, self.forward_id, self.batch_size, call)
+            output.register_hook(functools.partial(self._output_gradient, spec, sums, pending))
         return output
 
     @staticmethod
-    def _alias(tensor: Any, block: Block, part: str, *, always: bool = False) -> Tensor | None:
+    def _alias(tensor: Any, sums: UseSums, part: str, wanted: Any) -> Tensor | None:
         """A view of the passed parameter whose gradient is this use's alone."""
-        if not isinstance(tensor, Tensor) or not (always or part in block.alias_parts):
+        if not isinstance(tensor, Tensor) or not wanted:
             return None
         alias = tensor.view_as(tensor)
-
-        def keep(gradient: Tensor) -> None:
-            held = block.use_gradients.get(part)
-            if held is None:
-                block.use_gradients[part] = gradient.detach().clone()
-            else:
-                held.add_(gradient.detach())
-
-        alias.register_hook(keep)
+        alias.register_hook(functools.partial(sums.keep_use_gradient, part))
         return alias
 
-    def _output_gradient(self, block: Block, pending: PendingCall, gradient: Tensor) -> None:
+    def _output_gradient(
+        self, spec: UseSpec, sums: UseSums, pending: PendingCall, gradient: Tensor
+    ) -> None:
         with torch.autocast(device_type=gradient.device.type, enabled=False):
-            block.end_call(pending, gradient, self.loss_scale())
-        if block.open_calls == 0:
-            self.on_block_complete(block)
-
-    def make_model(self, spec: UseSpec, max_dim: int) -> Any:
-        shapes = {name: tuple(p.shape) for name, p in self.index.by_id.values()}
-        return make_model(spec, shapes, max_dim)
+            sums.end_call(pending, gradient, self.loss_scale())
+        if sums.open_calls == 0:
+            self.on_complete(spec)

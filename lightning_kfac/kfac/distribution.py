@@ -8,17 +8,19 @@ with the same arguments in the same order on every worker.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from lightning_kfac.kfac.options import ComputeMethod
-
 if TYPE_CHECKING:
     from lightning_kfac.kfac.blocks import Block
+    from lightning_kfac.kfac.compute import FactorInverse
     from lightning_kfac.kfac.uses import UseSpec
+
+#: Block name -> what went wrong decomposing its factors.
+Faults = dict[str, list[str]]
 
 #: The result of preconditioning one block: ``(P, ok)`` or None (keep the raw gradient).
 Result = tuple[Tensor, Tensor] | None
@@ -41,7 +43,7 @@ class Distributor:
         return specs
 
     def setup(
-        self, blocks: Sequence[Block], method: ComputeMethod, inverse_dtype: torch.dtype
+        self, blocks: Sequence[Block], inverse: FactorInverse, inverse_dtype: torch.dtype
     ) -> None:
         """The structure is fixed (or changed): plan communication for ``blocks``."""
 
@@ -55,8 +57,7 @@ class Distributor:
     def discard(self, blocks: Sequence[Block]) -> None:
         """Forget this step's sums (a step that is not taken)."""
         for block in blocks:
-            for factor in block.factors:
-                factor.discard_sum()
+            block.discard_sums()
 
     def reduce_factor_sums(
         self, blocks: Sequence[Block]
@@ -67,27 +68,31 @@ class Distributor:
         out: list[list[tuple[Tensor, Tensor]] | None] = []
         for block in blocks:
             if not block.has_sums:
-                for factor in block.factors:
-                    factor.discard_sum()
+                block.discard_sums()
                 out.append(None)
                 continue
-            out.append([factor.take_sum(torch.device("cpu")) for factor in block.factors])
+            out.append(block.take_sums(torch.device("cpu")))
         return out
 
     def run_decompositions(
-        self, blocks: Sequence[Block], decompose: Callable[[list[Block]], None]
-    ) -> None:
+        self, blocks: Sequence[Block], decompose: Callable[[list[Block]], Faults]
+    ) -> Faults:
         """Make every block in ``blocks`` hold the decompositions ``decompose`` computes (it takes
-        a list, so that same-shaped factors are decomposed in one batched call)."""
-        decompose(list(blocks))
+        a list, so that same-shaped factors are decomposed in one batched call); the faults of
+        the decompositions made on this worker."""
+        return decompose(list(blocks))
 
     def share_decompositions(self, blocks: Sequence[Block]) -> Callable[[], None]:
         """Make every worker hold every block's current decomposition (for a checkpoint written by
         one worker); returns the function that undoes it. Called on every worker."""
         return lambda: None
 
-    def average_use_gradients(self, blocks: Sequence[Block]) -> None:
-        """Per-use gradients of parameters with several uses: average them over workers."""
+    def average_use_gradients(
+        self, blocks: Sequence[Block], use_gradients: Mapping[str, Mapping[str, Tensor]]
+    ) -> Mapping[str, Mapping[str, Tensor]]:
+        """Per-use gradients of parameters with several uses (block name -> part -> gradient),
+        averaged over workers."""
+        return use_gradients
 
     def precondition(
         self,

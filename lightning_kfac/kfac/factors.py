@@ -4,16 +4,13 @@ The same type serves every side. A factor is ``blocks`` independent square block
 kept dense (``[blocks, dim, dim]``) or, for sides above ``max_factor_dim`` and for the one-hot
 input of an embedding, diagonal (``[blocks, dim]``, the diagonal of the dense factor).
 
-Each factor update goes through three stages:
+A factor update has three stages: the capture sums outer products over the step's calls
+(``accumulation.UseSums``), a distributed runner sums those over workers (``Distributor``), and
+``update(total, count, decay)`` folds the batch estimate ``total / count`` into the running
+average ``F ← decay·F + (1 − decay)·batch``; the first accepted batch sets ``F = batch``
+(docs/design.md §2). This class is the third stage and holds the decomposition of ``F``.
 
-1. ``accumulate(total, count)`` — from the capture hooks, possibly many times per step (calls of a
-   looped layer, micro-batches): sums of outer products and their normaliser.
-2. ``take_sum()`` — the step's ``(Σ, count)``; a distributed runner all-reduces both (so ranks
-   are weighted by what they captured), then ``batch = Σ / count``.
-3. ``update(batch, decay)`` — running average ``F ← decay·F + (1 − decay)·batch``; the first
-   accepted batch sets ``F = batch`` (docs/design.md §2).
-
-Everything in stage 3 stays on the device: a batch that is not finite (or a step the caller marks
+Everything here stays on the device: a batch that is not finite (or a step the caller marks
 as rejected) leaves ``F`` unchanged through ``torch.where``, with no host synchronisation; the
 count of rejected batches is read back only when faults are reported.
 """
@@ -32,7 +29,7 @@ class KroneckerFactor:
     Args:
         dim: Side of each square block.
         blocks: Number of independent blocks (convolution groups, norm channels; else 1).
-        dtype: Dtype of the sums and the running average (``factor_dtype``).
+        dtype: Dtype of the running average (``factor_dtype``).
         diagonal: Keep only the diagonal.
     """
 
@@ -55,49 +52,12 @@ class KroneckerFactor:
         self.decomposition: dict[str, Tensor] | None = None
         #: True when ``value`` changed after ``decomposition`` was computed from it.
         self.changed_since_decomposition = False
-        self._sum: Tensor | None = None
-        self._count: float | Tensor = 0.0
 
     @property
     def shape(self) -> tuple[int, ...]:
         return (self.blocks, self.dim) if self.diagonal else (self.blocks, self.dim, self.dim)
 
-    # -- stage 1: accumulation -------------------------------------------------------------
-    def accumulate(self, total: Tensor, count: float | Tensor) -> None:
-        """Add ``Σ r r^T`` (or its diagonal) over ``count`` normalising units."""
-        total = total.to(self.dtype)
-        if self._sum is None:
-            self._sum = total.clone()
-        else:
-            self._sum.add_(total)
-        self._count = self._count + count
-
-    @property
-    def has_sum(self) -> bool:
-        """Whether anything was accumulated since the last ``take_sum``."""
-        return self._sum is not None
-
-    def discard_sum(self) -> None:
-        """Forget this step's sums (e.g. a step the AMP scaler skips)."""
-        self._sum = None
-        self._count = 0.0
-
-    # -- stage 2: the step's sum -------------------------------------------------------------
-    def take_sum(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        """``(Σ, count)`` of this step (zeros and count 0 when nothing was captured here); resets.
-
-        ``count`` is a 0-dim tensor in ``dtype`` so that it can travel in a collective.
-        """
-        total = (
-            self._sum
-            if self._sum is not None
-            else torch.zeros(self.shape, dtype=self.dtype, device=device)
-        )
-        count = torch.as_tensor(self._count, dtype=self.dtype, device=total.device)
-        self.discard_sum()
-        return total, count
-
-    # -- stage 3: running average ----------------------------------------------------------
+    # -- running average -----------------------------------------------------------------------
     def update(
         self, total: Tensor, count: Tensor, decay: float, accept: Tensor | None = None
     ) -> None:

@@ -22,8 +22,9 @@ from collections.abc import Callable, Iterable, Sequence
 
 from torch import nn
 
-from lightning_kfac.kfac.tracing import ParameterView, UseKind
-from lightning_kfac.kfac.uses import KroneckerModel, UseModel, UseSpec
+from lightning_kfac.kfac.calls import ParameterView
+from lightning_kfac.kfac.kinds import UseModel
+from lightning_kfac.kfac.uses import UseSpec
 
 
 class _UnionFind:
@@ -51,7 +52,7 @@ class ParameterReport:
 
     name: str
     shape: tuple[int, ...]
-    treatment: str  # "Kronecker", "unit-wise" or "optimizer"
+    treatment: str  # a kind's ``UseModel.treatment`` ("Kronecker", "unit-wise", ...) or "optimizer"
     detail: str
     uses: list[str]
 
@@ -72,7 +73,7 @@ class Structure:
         parameters: Tracked parameters by name.
         unsupported: Parameter name -> operations K-FAC cannot model that used it.
         skipped: Trainable parameters K-FAC does not track, with the reason (``skip_modules``).
-        make_model: The ``UseModel`` of a spec.
+        model_of: The ``UseModel`` of a spec.
     """
 
     def __init__(
@@ -81,7 +82,7 @@ class Structure:
         parameters: dict[str, nn.Parameter],
         unsupported: dict[str, set[str]],
         skipped: dict[str, str],
-        make_model: Callable[[UseSpec], UseModel],
+        model_of: Callable[[UseSpec], UseModel],
     ) -> None:
         self.parameters = parameters
         union = _UnionFind()
@@ -98,14 +99,14 @@ class Structure:
         self.kept: list[UseSpec] = [
             spec for spec in specs if union.find(spec.parts[0].name) not in bad_roots
         ]
-        self.models = {spec: make_model(spec) for spec in self.kept}
+        self.models = {spec: model_of(spec) for spec in self.kept}
         self.alias_parts = self._alias_parts()
         self.names = self._names()
         self.sites = sorted({spec.site for spec in self.kept})
         self.reports = self._reports(specs, unsupported, skipped, union, bad_roots)
 
     # -- gradient routes ------------------------------------------------------------------
-    def _alias_parts(self) -> dict[UseSpec, set[str]]:
+    def _alias_parts(self) -> dict[UseSpec, frozenset[str]]:
         touches: dict[str, list[tuple[UseSpec, str, tuple[int, int]]]] = {}
         for spec in self.kept:
             for role, view in (("weight", spec.weight), ("bias", spec.bias)):
@@ -122,7 +123,7 @@ class Structure:
                     if lo_i < hi_j and lo_j < hi_i:  # the two uses touch common rows
                         alias[spec_i].add(role_i)
                         alias[spec_j].add(role_j)
-        return alias
+        return {spec: frozenset(parts) for spec, parts in alias.items()}
 
     def _names(self) -> dict[UseSpec, str]:
         base = {spec: (spec.weight or spec.bias).name for spec in self.kept}  # type: ignore[union-attr]
@@ -181,25 +182,12 @@ class Structure:
                 reports.append(ParameterReport(name, shape, "optimizer", detail, uses))
                 continue
             models = [self.models[spec] for spec in kept]
-            unit_wise = all(m.is_unit_wise for m in models)
-            notes = []
-            if len(kept) > 1:
-                notes.append(f"{len(kept)} uses")
+            notes = [f"{len(kept)} uses"] if len(kept) > 1 else []
             for model in models:
-                if isinstance(model, KroneckerModel):
-                    sides = [s for s, d in (("A", model.a_diagonal), ("G", model.g_diagonal)) if d]
-                    if model.spec.kind == UseKind.EMBEDDING:
-                        sides = [s for s in sides if s != "A"]  # one-hot A is diagonal exactly
-                    if sides:
-                        notes.append(f"{' and '.join(sides)} diagonal (side > max_factor_dim)")
+                notes += model.report_notes()
+            treatment = "/".join(dict.fromkeys(model.treatment for model in models))
             reports.append(
-                ParameterReport(
-                    name,
-                    shape,
-                    "unit-wise" if unit_wise else "Kronecker",
-                    "; ".join(dict.fromkeys(notes)),
-                    uses,
-                )
+                ParameterReport(name, shape, treatment, "; ".join(dict.fromkeys(notes)), uses)
             )
         for name, reason in skipped.items():
             reports.append(ParameterReport(name, (), "optimizer", reason, []))

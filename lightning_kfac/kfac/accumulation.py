@@ -1,0 +1,300 @@
+"""Stage 1 of K-FAC's factors: the calls of a step become sums of outer products and counts.
+
+``UseSums`` holds, for one use, the step's sum and normaliser of each factor side, filled by the
+use's calls through one of two capture rules (docs/design.md §2-3), with ``N`` the number of
+samples of the micro-batch (the forward's batch size) and ``s`` the factor by which the
+backpropagated loss was multiplied relative to the micro-batch's mean loss (AMP loss scale,
+1/accumulation):
+
+- **expand** (Kronecker kinds, the default): each call adds ``Σ_{n,t} a aᵀ`` with normaliser
+  ``N·T`` to ``A``, and ``Σ_{n,t} g gᵀ`` with ``g = (N/s)·∂loss/∂s`` to ``G``, whose normaliser
+  grows by ``N`` once per forward — so the ``T_c`` calls of a looped layer give exactly the
+  factors of one call on the concatenated ``(N, ΣT_c, d)`` input;
+- **per sample** (unit-wise kinds, and Kronecker kinds under ``approximation="reduce"``): each
+  call gives per-sample sums over its positions (``UseModel.begin_samples/end_samples``); the
+  calls of one forward are summed per sample, then each factor adds one outer product per sample
+  (normaliser ``N``).
+
+A call's input side is computed in the forward (so that in-place changes of the input later do
+not matter) and committed together with its output side when the gradient of its output arrives:
+a call whose output never receives a gradient (an output outside the loss, the forward that
+non-reentrant activation checkpointing re-runs during backward) contributes nothing. Over several
+micro-batches sums and normalisers add (the factors of the concatenated batch). The kinds only
+convert their calls into rows; the sums are formed here and in ``linalg``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_kfac.kfac.calls import RecognizedCall
+from lightning_kfac.kfac.kinds import KroneckerModel, UseModel
+from lightning_kfac.kfac.options import KFACApproximation
+
+
+class SideSum:
+    """The step's ``Σ r rᵀ`` (or its diagonal) of one factor side and its normaliser."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self.shape = shape
+        self.dtype = dtype
+        self._sum: Tensor | None = None
+        self._count: float | Tensor = 0.0
+
+    def add(self, total: Tensor, count: float | Tensor) -> None:
+        """Add ``Σ r rᵀ`` (or its diagonal) over ``count`` normalising units."""
+        total = total.to(self.dtype)
+        if self._sum is None:
+            self._sum = total.clone()
+        else:
+            self._sum.add_(total)
+        self._count = self._count + count
+
+    @property
+    def has_sum(self) -> bool:
+        """Whether anything was added since the last ``take``."""
+        return self._sum is not None
+
+    def discard(self) -> None:
+        self._sum = None
+        self._count = 0.0
+
+    def take(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``(Σ, count)`` of this step (zeros and count 0 when nothing was captured here); resets.
+
+        ``count`` is a 0-dim tensor in ``dtype`` so that it can travel in a collective.
+        """
+        total = (
+            self._sum
+            if self._sum is not None
+            else torch.zeros(self.shape, dtype=self.dtype, device=device)
+        )
+        count = torch.as_tensor(self._count, dtype=self.dtype, device=total.device)
+        self.discard()
+        return total, count
+
+
+class RowSampler:
+    """Uniform row subsets without replacement for ``factor_max_rows``: ``(total / R) Σ_sampled
+    r rᵀ`` is an unbiased estimator of ``Σ_all r rᵀ``. One generator per device, seeded once."""
+
+    def __init__(self, max_rows: int | None, seed: int) -> None:
+        self.max_rows = max_rows
+        self.seed = seed
+        self.generators: dict[str, torch.Generator] = {}
+
+    def draw(self, total: int, device: torch.device) -> tuple[Tensor | None, float]:
+        """Row subset for one capture and the factor ``total / kept`` that rescales its sum."""
+        if self.max_rows is None or total <= self.max_rows:
+            return None, 1.0
+        key = str(device)
+        generator = self.generators.get(key)
+        if generator is None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(self.seed)
+            self.generators[key] = generator
+        index = torch.randperm(total, generator=generator, device=device)[: self.max_rows]
+        return index, total / self.max_rows
+
+    def state(self) -> dict[str, Tensor]:
+        return {key: generator.get_state() for key, generator in self.generators.items()}
+
+    def load(self, states: dict[str, Tensor]) -> None:
+        for key, generator_state in states.items():
+            generator = torch.Generator(device=key)
+            generator.set_state(generator_state)
+            self.generators[key] = generator
+
+
+@dataclasses.dataclass
+class PendingCall:
+    """What a call captured in the forward, waiting for its output gradient."""
+
+    forward_id: int
+    batch_size: int
+    batch_dim: int
+    a_statistic: Tensor | None = None
+    a_count: float = 0.0
+    begun: Any = None
+
+
+@dataclasses.dataclass
+class _ForwardSamples:
+    """Per-sample contributions of the calls of one forward (per-sample rule).
+
+    Calls over all ``N`` samples of the forward (weight sharing) are summed per sample; calls over
+    fewer samples (disjoint sub-batches, e.g. ghost batch norm or a batch processed in chunks)
+    contribute their samples side by side.
+    """
+
+    batch_size: int
+    calls: list[tuple[Tensor | None, int, Tensor]] = dataclasses.field(default_factory=list)
+    open_calls: int = 0
+
+
+class UseSums:
+    """The step's factor sums of one use, and the per-use gradients its parameters need.
+
+    Args:
+        model: The use's ``UseModel`` (its rows and capture rule).
+        dtype: Dtype of the sums (``factor_dtype``).
+        approximation: Expand or reduce for weight-shared Kronecker uses.
+        sampler: Row sampling of the expand rule.
+        batch_dim: Dimension of the call's input that indexes samples, when known from the
+            model's structure (``batch_first``); otherwise found by size at each call.
+    """
+
+    def __init__(
+        self,
+        model: UseModel,
+        dtype: torch.dtype,
+        *,
+        approximation: KFACApproximation,
+        sampler: RowSampler,
+        batch_dim: int | None = None,
+    ) -> None:
+        self.model = model
+        self.dtype = dtype
+        self.sides = [
+            SideSum((blocks, dim) if diagonal else (blocks, dim, dim), dtype)
+            for dim, blocks, diagonal in model.factor_sides
+        ]
+        self.per_sample = model.per_sample(approximation)
+        self.sampler = sampler
+        self.batch_dim_hint = batch_dim
+        #: Calls whose output gradient has not arrived yet.
+        self.open_calls = 0
+        self._counted_forwards: set[int] = set()
+        self._forward_samples: dict[int, _ForwardSamples] = {}
+        #: Per-use gradients of the passed weight/bias, collected through alias tensors when the
+        #: parameter has several overlapping uses (``"weight"``/``"bias"`` -> gradient).
+        self.use_gradients: dict[str, Tensor] = {}
+        #: A forward mixed calls over all samples with calls over sub-batches (per-sample sums
+        #: then cannot be aligned; samples are taken side by side and the user is told once).
+        self.mixed_sample_calls = False
+
+    def _batch_dim(self, tensor: Tensor, batch_size: int) -> int:
+        # A 2-D tensor is (rows, features): its samples lie along dim 0, possibly flattened with
+        # positions (see LinearModel._samples; hint 1: position-major).
+        if self.batch_dim_hint is not None and tensor.dim() > self.batch_dim_hint:
+            return self.batch_dim_hint
+        if tensor.dim() >= 3 and tensor.shape[0] != batch_size and tensor.shape[1] == batch_size:
+            return 1
+        return 0
+
+    # -- capture ---------------------------------------------------------------------------
+    def begin_call(
+        self, layer_input: Tensor, forward_id: int, batch_size: int, call: RecognizedCall
+    ) -> PendingCall:
+        """Forward half of a call: the input side (computed now, committed with the gradient)."""
+        x = layer_input.detach()
+        pending = PendingCall(forward_id, batch_size, self._batch_dim(x, batch_size))
+        model = self.model
+        if self.per_sample:
+            pending.begun = model.begin_samples(x, call, pending.batch_dim, batch_size, self.dtype)
+            samples = self._forward_samples.setdefault(forward_id, _ForwardSamples(batch_size))
+            samples.open_calls += 1
+        else:
+            assert isinstance(model, KroneckerModel)
+            total = model.row_count(x)
+            index, weight = self.sampler.draw(total, x.device)
+            source = x if x.dtype in (torch.int64, torch.int32) else x.to(self.dtype)
+            statistic = model.a_statistic(source, index).to(self.dtype)
+            pending.a_statistic = statistic if weight == 1.0 else statistic * weight
+            pending.a_count = float(total)
+        self.open_calls += 1
+        return pending
+
+    def end_call(
+        self, pending: PendingCall, output_gradient: Tensor, loss_scale: float | Tensor
+    ) -> None:
+        """Backward half: the output side, and the commit of both sides."""
+        self.open_calls -= 1
+        gradient = output_gradient.detach().to(self.dtype)
+        scale = pending.batch_size / loss_scale  # g = (N / s) ∂loss/∂s
+        if self.per_sample:
+            samples = self._forward_samples[pending.forward_id]
+            samples.open_calls -= 1
+            a_sums, positions, g_samples = self.model.end_samples(
+                pending.begun, gradient, pending.batch_dim, pending.batch_size
+            )
+            samples.calls.append((a_sums, positions, g_samples * scale))
+            if samples.open_calls == 0:
+                self._commit_samples(pending.forward_id)
+            return
+        model = self.model
+        assert isinstance(model, KroneckerModel) and pending.a_statistic is not None
+        index, weight = self.sampler.draw(model.g_row_count(gradient), gradient.device)
+        g_statistic = model.g_statistic(gradient, index) * (scale**2 * weight)
+        a_side, g_side = self.sides
+        a_side.add(pending.a_statistic, pending.a_count)
+        first = pending.forward_id not in self._counted_forwards
+        self._counted_forwards.add(pending.forward_id)
+        g_side.add(g_statistic, float(pending.batch_size) if first else 0.0)
+
+    def _commit_samples(self, forward_id: int) -> None:
+        forward = self._forward_samples.pop(forward_id)
+        if not forward.calls:
+            return
+        axis = self.model.sample_axis
+        sizes = [g.shape[axis] for _, _, g in forward.calls]
+        a_parts = [a for a, _, _ in forward.calls]
+        has_inputs = all(a is not None for a in a_parts)
+        if all(size == forward.batch_size for size in sizes):  # positions of the same samples
+            g_samples = sum(g for _, _, g in forward.calls)
+            positions = sum(p for _, p, _ in forward.calls)
+            a_means = sum(a_parts) / max(positions, 1) if has_inputs else None  # type: ignore[arg-type]
+        else:  # disjoint sub-batches: their samples side by side
+            self.mixed_sample_calls |= any(size == forward.batch_size for size in sizes)
+            g_samples = torch.cat([g for _, _, g in forward.calls], dim=axis)
+            a_means = (
+                torch.cat([a / max(p, 1) for a, p, _ in forward.calls], dim=1)  # type: ignore[operator]
+                if has_inputs
+                else None
+            )
+        assert isinstance(g_samples, Tensor)
+        samples = float(g_samples.shape[axis])
+        for side, total in zip(
+            self.sides, self.model.sample_factor_sums(a_means, g_samples), strict=True
+        ):
+            side.add(total, samples)
+
+    def finish(self) -> None:
+        """Commit per-sample sums whose forward still has calls without a gradient."""
+        for forward_id in list(self._forward_samples):
+            self._commit_samples(forward_id)
+        self.open_calls = 0
+        self._counted_forwards.clear()
+
+    @property
+    def has_sums(self) -> bool:
+        return all(side.has_sum for side in self.sides)
+
+    def discard(self) -> None:
+        """Forget this step's sums and per-use gradients (a step that is not taken)."""
+        self._forward_samples.clear()
+        self._counted_forwards.clear()
+        self.open_calls = 0
+        for side in self.sides:
+            side.discard()
+        self.use_gradients.clear()
+
+    def take(self, device: torch.device) -> list[tuple[Tensor, Tensor]]:
+        """Each side's ``(Σ, count)`` of this step; resets the sums."""
+        return [side.take(device) for side in self.sides]
+
+    def keep_use_gradient(self, part: str, gradient: Tensor) -> None:
+        """Add a gradient of the passed ``part`` (``"weight"``/``"bias"``) to this use's own."""
+        held = self.use_gradients.get(part)
+        if held is None:
+            self.use_gradients[part] = gradient.detach().clone()
+        else:
+            held.add_(gradient.detach())
+
+    def take_use_gradients(self) -> dict[str, Tensor]:
+        gradients, self.use_gradients = self.use_gradients, {}
+        return gradients
