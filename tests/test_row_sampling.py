@@ -85,3 +85,30 @@ def test_sampled_factors_average_to_exact_factors() -> None:
 def test_invalid_cap_is_rejected() -> None:
     with pytest.raises(ValueError, match="factor_max_rows"):
         KFACPreconditioner(make_model(), kl_clip=None, factor_max_rows=0)
+
+
+class WithExtraUse(nn.Module):
+    """``make_model()``'s layers under ``body``, optionally after another sampled use."""
+
+    def __init__(self, extra: bool) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.extra = nn.Conv2d(2, 2, 1) if extra else None
+        self.body = make_model()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.extra is not None:
+            x = x + 0.0 * self.extra(x)  # a use discovered before the body's, same output
+        return self.body(x)
+
+
+def test_a_uses_row_sample_does_not_depend_on_the_other_uses() -> None:
+    """Each use's sampler is seeded once, from the use's identity: adding another sampled use
+    before it (which shifts every discovery and structure index) draws the same rows for it."""
+    found = []
+    for extra in (False, True):
+        model = WithExtraUse(extra)
+        pre = KFACPreconditioner(model, kl_clip=None, factor_max_rows=40)
+        found.append(factors_after(pre, model, 3)["body.0"])
+    for with_extra, without in zip(found[1], found[0], strict=True):
+        assert torch.equal(with_extra, without)

@@ -156,3 +156,41 @@ def test_state_dict_rejects_other_model() -> None:
         other.load_state_dict(pre.state_dict())
     with pytest.raises(ValueError, match="unknown format"):
         other.load_state_dict({"steps": 3, "layers": {}})
+
+
+def test_inverse_method_records_and_uses_the_damping_of_its_inverses() -> None:
+    """With ``compute_method="inverse"`` the damping is baked into the inverses at the
+    inverse-update step: a scheduled damping's later values do not reach the step until the next
+    inverse update, and ``last_step.damping`` (what the strategy logs) is the value in use. The
+    step equals the dense factored-Tikhonov solve with that damping (not the current one)."""
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule = lambda step: 1e-2 * (1 + step)  # noqa: E731
+    pre = KFACPreconditioner(
+        model,
+        damping=schedule,
+        compute_method="inverse",
+        inverse_update_interval=3,
+        factor_update_interval=100,  # factors fixed after step 0: only the damping moves
+        kl_clip=None,
+    )
+    used = []
+    for step in range(5):
+        x, y = data(step)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        layer = pre.block("3.weight") if pre.blocks else None
+        raw = pre.gradient_matrix(layer).clone() if layer is not None else None
+        pre.step()
+        used.append(pre.last_step.damping)
+        if step == 4:
+            damping = schedule(3)  # the last inverse update
+            a, g = layer.a.value[0], layer.g.value[0]
+            pi = ((a.trace() / a.shape[0]) / (g.trace() / g.shape[0])).sqrt()
+            eye_a, eye_g = torch.eye(a.shape[0]), torch.eye(g.shape[0])
+            expected = torch.linalg.solve(g + damping**0.5 / pi * eye_g, raw[0]) @ torch.linalg.inv(
+                a + pi * damping**0.5 * eye_a
+            )
+            assert_close(pre.gradient_matrix(layer)[0], expected, rtol=1e-9, atol=1e-12)
+        opt.step()
+    assert used == [schedule(0), schedule(0), schedule(0), schedule(3), schedule(3)]
