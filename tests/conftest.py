@@ -36,6 +36,14 @@ def _restore_environment() -> Iterator[None]:
     os.environ.update(saved)
 
 
+@pytest.fixture
+def float64() -> None:
+    """Modules and tensors built in the test are float64 (the dense references' dtype); the
+    default dtype is restored after each test (``_restore_default_dtype``). Modules of dense
+    tests use it for every test: ``pytestmark = pytest.mark.usefixtures("float64")``."""
+    torch.set_default_dtype(torch.float64)
+
+
 @pytest.fixture(autouse=True)
 def _restore_default_dtype() -> Iterator[None]:
     dtype = torch.get_default_dtype()

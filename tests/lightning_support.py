@@ -105,6 +105,18 @@ class TinyClassifier(pl.LightningModule):
         return DataLoader(make_dataset(self.data_dtype), batch_size=32, shuffle=False)
 
 
+class SaveAfterEpoch(pl.Callback):
+    """Every rank calls ``save_checkpoint`` (it has a barrier) after the given epoch (Lightning
+    resumes a map-style loader at an epoch boundary, not in the middle of an epoch)."""
+
+    def __init__(self, path: Path, epoch: int) -> None:
+        self.path, self.epoch = path, epoch
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            trainer.save_checkpoint(self.path)
+
+
 class SaveResult(pl.Callback):
     """Rank 0 writes the final parameters and K-FAC figures to ``path`` (workers can't return)."""
 

@@ -1,4 +1,5 @@
-"""Conv2d factors (KFC, Grosse & Martens 2016) against an explicit per-location patch loop."""
+"""Conv2d factors (KFC, Grosse & Martens 2016) against an explicit per-location patch loop
+(``tests/references.py``, the same loop as for Conv1d/3d)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,9 @@ from torch import nn
 
 from lightning_kfac import KFACPreconditioner
 from tests.helpers import assert_close, dense_damped_kron_solve
+from tests.references import conv_matrix, conv_per_location_reference
 
-
-@pytest.fixture(autouse=True)
-def _float64_default() -> None:
-    """Modules built in these tests are float64 (restored by conftest after each test)."""
-    torch.set_default_dtype(torch.float64)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 CASES = {
@@ -37,88 +35,6 @@ CASES = {
 }
 
 
-def explicit_padding(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """Pad ``x`` as the convolution does, from first principles (not from module internals)."""
-    if conv.padding == "same":
-        pads = []
-        for k, d in zip(reversed(conv.kernel_size), reversed(conv.dilation), strict=True):
-            total = d * (k - 1)
-            pads += [total // 2, total - total // 2]
-    elif conv.padding == "valid":
-        pads = [0, 0, 0, 0]
-    else:
-        ph, pw = conv.padding
-        pads = [pw, pw, ph, ph]
-    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-    return F.pad(x, pads, mode=mode)
-
-
-def per_location_reference(
-    conv: nn.Conv2d, model: nn.Module, x: torch.Tensor, y: torch.Tensor, bias: bool
-):
-    """``A``, ``G``, ``dW`` per group by a loop over samples, output locations and kernel taps."""
-    outputs = {}
-
-    def keep_output(module, inputs, output) -> None:
-        output.retain_grad()
-        outputs["s"] = output
-
-    handle = conv.register_forward_hook(keep_output)
-    count, groups = x.shape[0], conv.groups
-    cin_g, cout_g = conv.in_channels // groups, conv.out_channels // groups
-    kh, kw = conv.kernel_size
-    (sh, sw), (dh, dw) = conv.stride, conv.dilation
-    A = G = W = None
-    try:
-        for n in range(count):
-            loss = F.cross_entropy(model(x[n : n + 1]), y[n : n + 1])
-            (g_out,) = torch.autograd.grad(loss, outputs["s"])  # per-sample ∂l_n/∂s_n
-            s = outputs["s"].detach()[0]
-            xp = explicit_padding(conv, x[n : n + 1])[0]
-            _, out_h, out_w = s.shape
-            for group in range(groups):
-                channels = slice(group * cin_g, (group + 1) * cin_g)
-                outs = slice(group * cout_g, (group + 1) * cout_g)
-                for i in range(out_h):
-                    for j in range(out_w):
-                        patch = torch.stack(
-                            [
-                                xp[channels, i * sh + p * dh, j * sw + q * dw]
-                                for p in range(kh)
-                                for q in range(kw)
-                            ],
-                            dim=1,
-                        ).reshape(-1)  # channel-major, as weight.view(out, -1)
-                        # The patch really is what the convolution sees at (i, j):
-                        w = conv.weight[outs].detach().reshape(cout_g, -1)
-                        conv_out = w @ patch + (
-                            conv.bias[outs].detach() if conv.bias is not None else 0
-                        )
-                        assert_close(s[outs, i, j], conv_out, rtol=1e-10, atol=1e-12)
-                        a = torch.cat([patch, torch.ones(1)]) if bias else patch
-                        g = g_out[0, outs, i, j]
-                        if A is None:
-                            A = torch.zeros(groups, a.numel(), a.numel())
-                            G = torch.zeros(groups, g.numel(), g.numel())
-                            W = torch.zeros(groups, g.numel(), a.numel())
-                        A[group] += torch.outer(a, a)
-                        G[group] += torch.outer(g, g)
-                        W[group] += torch.outer(g, a)
-    finally:
-        handle.remove()
-    locations = out_h * out_w
-    return A / (count * locations), G / count, W / count
-
-
-def _conv_matrix(conv: nn.Conv2d) -> torch.Tensor:
-    """``[W b]`` gradient per group, ``[groups, out/groups, in/groups·kh·kw (+1)]``."""
-    groups = conv.groups
-    weight = conv.weight.grad.reshape(groups, conv.out_channels // groups, -1)
-    if conv.bias is None:
-        return weight
-    return torch.cat([weight, conv.bias.grad.reshape(groups, -1, 1)], dim=-1)
-
-
 def conv_model(**conv_kwargs) -> tuple[nn.Module, nn.Conv2d]:
     torch.manual_seed(0)
     conv = nn.Conv2d(**conv_kwargs)
@@ -133,17 +49,16 @@ def test_conv2d_factors_and_step_equal_per_location_loop(case: str) -> None:
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(5, conv.in_channels, 7, 8, generator=gen)
     y = torch.randint(0, 3, (5,), generator=gen)
-    bias = conv.bias is not None
-    A, G, W = per_location_reference(conv, model, x, y, bias)
+    A, G, W, _ = conv_per_location_reference(conv, model, x, y)
     pre = KFACPreconditioner(model, damping=1e-2, kl_clip=None)
     F.cross_entropy(model(x), y).backward()
-    raw = _conv_matrix(conv)
+    raw = conv_matrix(conv)
     assert_close(raw, W, rtol=1e-9, atol=1e-12)
     pre.step()
     layer = pre.block("0.weight")
     assert_close(layer.a.value, A, rtol=1e-10, atol=1e-12)
     assert_close(layer.g.value, G, rtol=1e-10, atol=1e-12)
-    got = _conv_matrix(conv)
+    got = conv_matrix(conv)
     for group in range(conv.groups):
         expected = dense_damped_kron_solve(A[group], G[group], W[group], 1e-2)
         assert_close(got[group], expected, rtol=1e-7, atol=1e-10)

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from lightning_kfac import KFACCoverageWarning, KFACDDPStrategy, KFACPreconditioner
 from tests.lightning_support import TinyClassifier, trainer_kwargs
+from tests.references import Conv1D
 
 VOCAB = 50
 
@@ -44,27 +45,13 @@ class EncoderLM(nn.Module):
         return self.head(self.encoder(self.embedding(tokens)))
 
 
-class Conv1D(nn.Module):
-    """HF GPT-2's Conv1D: a linear layer with a transposed ``(nx, nf)`` weight."""
-
-    def __init__(self, nf: int, nx: int) -> None:
-        super().__init__()
-        self.nf = nf
-        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.02)
-        self.bias = nn.Parameter(torch.zeros(nf))
-
-    def forward(self, x: Tensor) -> Tensor:
-        size_out = (*x.size()[:-1], self.nf)
-        x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
-        return x.view(size_out)
-
-
 class GPT2Block(nn.Module):
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
         self.ln_1, self.ln_2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.c_attn, self.c_proj = Conv1D(3 * dim, dim), Conv1D(dim, dim)
-        self.c_fc, self.mlp_proj = Conv1D(4 * dim, dim), Conv1D(dim, 4 * dim)
+        hf = dict(weight_std=0.02, bias_std=0.0)
+        self.c_attn, self.c_proj = Conv1D(3 * dim, dim, **hf), Conv1D(dim, dim, **hf)
+        self.c_fc, self.mlp_proj = Conv1D(4 * dim, dim, **hf), Conv1D(dim, 4 * dim, **hf)
         self.heads = heads
 
     def forward(self, x: Tensor) -> Tensor:

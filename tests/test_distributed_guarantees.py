@@ -49,7 +49,12 @@ from tests._dist_models import (
     branch_taken,
     load_ranks,
 )
-from tests.lightning_support import TinyClassifier, destroy_process_group, trainer_kwargs
+from tests.lightning_support import (
+    SaveAfterEpoch,
+    TinyClassifier,
+    destroy_process_group,
+    trainer_kwargs,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ["broadcast_decompositions", "broadcast_gradients"]
@@ -597,15 +602,6 @@ def test_row_sampling_generators_resume_before_the_first_forward() -> None:
     run(resumed, pre2, opt2, range(3, 6))
     for (name, mine), theirs in zip(resumed.named_parameters(), full.parameters(), strict=True):
         assert torch.equal(mine, theirs), name
-
-
-class SaveAfterEpoch(pl.Callback):
-    def __init__(self, path: Path, epoch: int) -> None:
-        self.path, self.epoch = path, epoch
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
-            trainer.save_checkpoint(self.path)  # on every rank: it has a barrier
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_kfac import KFACDDPStrategy
-from tests.lightning_support import SaveResult, relative_difference, trainer_kwargs
+from tests.lightning_support import SaveAfterEpoch, SaveResult, relative_difference, trainer_kwargs
 
 SAMPLES = 48
 VOCAB, DIM, LENGTH = 12, 8, 5
@@ -114,18 +114,6 @@ class Module(pl.LightningModule):
     def train_dataloader(self) -> DataLoader:
         data = lm_data() if self.kind == "lm" else image_data()
         return DataLoader(data, batch_size=self.batch_size, shuffle=False)
-
-
-class SaveAfterEpoch(pl.Callback):
-    """Every rank calls ``save_checkpoint`` (it has a barrier) after the given epoch (Lightning
-    resumes a map-style loader at an epoch boundary, not in the middle of an epoch)."""
-
-    def __init__(self, path: Path, epoch: int) -> None:
-        self.path, self.epoch = path, epoch
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
-            trainer.save_checkpoint(self.path)
 
 
 def fit(

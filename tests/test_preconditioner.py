@@ -13,11 +13,7 @@ from lightning_kfac import KFACPreconditioner
 from lightning_kfac.kfac import KFACCoverageWarning
 from tests.helpers import assert_close, dense_damped_kron_solve, per_sample_factors
 
-
-@pytest.fixture(autouse=True)
-def _float64_default() -> None:
-    """Modules built in these tests are float64 (restored by conftest after each test)."""
-    torch.set_default_dtype(torch.float64)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def make_mlp(bias: bool, inplace: bool = True) -> nn.Sequential:

@@ -10,10 +10,7 @@ from torch import nn
 from lightning_kfac import KFACPreconditioner
 from tests.helpers import assert_close
 
-
-@pytest.fixture(autouse=True)
-def _float64_default() -> None:
-    torch.set_default_dtype(torch.float64)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def make_model() -> nn.Module:

@@ -12,11 +12,7 @@ from torch import nn
 from lightning_kfac import ComputeMethod, KFACPreconditioner
 from tests.helpers import assert_close
 
-
-@pytest.fixture(autouse=True)
-def _float64_default() -> None:
-    """Modules built in these tests are float64 (restored by conftest after each test)."""
-    torch.set_default_dtype(torch.float64)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def make_model() -> nn.Module:

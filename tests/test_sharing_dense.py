@@ -22,12 +22,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tests.helpers import assert_close, dense_damped_kron_solve
-from tests.test_blocks_dense import (
+from tests.references import (
     DAMPING,
     FACTOR_ATOL,
     FACTOR_RTOL,
     STEP_ATOL,
     STEP_RTOL,
+    Conv1D,
     Recorder,
     assert_differs,
     expand_reference,
@@ -37,11 +38,7 @@ from tests.test_blocks_dense import (
     train_step,
 )
 
-
-@pytest.fixture(autouse=True)
-def _float64_default() -> None:
-    """Modules built in these tests are float64 (restored by conftest after each test)."""
-    torch.set_default_dtype(torch.float64)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def data(n: int, *shape: int, classes: int = 3, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -406,21 +403,6 @@ def test_multihead_attention_equals_its_linear_twin(
     # could fail: out_proj (whose module is never called) and in_proj were preconditioned
     assert_differs(mine["out_proj"], raw["out_proj"])
     assert_differs(mine["in_proj"], raw["in_proj"])
-
-
-class Conv1D(nn.Module):
-    """HF GPT-2's ``Conv1D``: weight ``(nx, nf)``, ``torch.addmm(bias, x.view(-1, nx), weight)``."""
-
-    def __init__(self, nf: int, nx: int) -> None:
-        super().__init__()
-        self.nf = nf
-        self.weight = nn.Parameter(0.5 * torch.randn(nx, nf))
-        self.bias = nn.Parameter(0.1 * torch.randn(nf))
-
-    def forward(self, x: Tensor) -> Tensor:
-        size_out = (*x.size()[:-1], self.nf)
-        x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
-        return x.view(size_out)
 
 
 class ProjectionNet(nn.Module):

@@ -12,20 +12,15 @@ import torch
 from pytorch_lightning.loggers import CSVLogger
 
 from lightning_kfac import KFACDDPStrategy
-from tests.lightning_support import SaveResult, TinyClassifier, relative_difference, trainer_kwargs
+from tests.lightning_support import (
+    SaveAfterEpoch,
+    SaveResult,
+    TinyClassifier,
+    relative_difference,
+    trainer_kwargs,
+)
 
 EPOCHS = 3  # 96 samples / (2 ranks x 8) = 6 steps per epoch
-
-
-class SaveAfterEpoch(pl.Callback):
-    """Every rank calls ``save_checkpoint`` (it has a barrier) after the given epoch."""
-
-    def __init__(self, path: Path, epoch: int) -> None:
-        self.path, self.epoch = path, epoch
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
-            trainer.save_checkpoint(self.path)
 
 
 def run(
