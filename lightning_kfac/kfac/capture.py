@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 
 from lightning_kfac.kfac.accumulation import PendingCall, RowSampler, UseSums
 from lightning_kfac.kfac.calls import ParameterView, RecognizedCall, tensors_in
@@ -35,8 +36,11 @@ from lightning_kfac.kfac.uses import UseSpec
 
 def first_tensor_batch_size(values: Iterable[Any], dim: int = 0) -> int | None:
     """Size of dimension ``dim`` of the first tensor found (depth first through lists, tuples
-    and dicts); 1 for a tensor without that dimension."""
+    and dicts); 1 for a tensor without that dimension; the number of sequences of a
+    ``PackedSequence``."""
     for value in values:
+        if isinstance(value, PackedSequence):
+            return int(value.batch_sizes[0])  # batch_sizes lives on the CPU: no device sync
         if isinstance(value, Tensor):
             return int(value.shape[dim]) if value.dim() > dim else 1
         if isinstance(value, dict):
@@ -223,7 +227,9 @@ class UseCapture(UseListener):
         for view in (weight, bias):
             if view is not None and view.is_unmodellable:
                 return f"{call.kind} with a view of the parameter that is not a row slice"
-        return kind_named(call.kind).model.problem(call, weight, bias)
+        model = kind_named(call.kind).model
+        assert model is not None  # a recognised call's kind has a model
+        return model.problem(call, weight, bias)
 
     def on_call(self, call: RecognizedCall, site: str) -> Any:
         index = self.index

@@ -13,12 +13,18 @@ from collections.abc import Callable
 from typing import Any
 
 from lightning_kfac.kfac.calls import Recognizer
-from lightning_kfac.kfac.kinds import convolution, embedding, linear, normalization
+from lightning_kfac.kfac.kinds import convolution, embedding, linear, normalization, recurrent
 from lightning_kfac.kfac.kinds.base import Kind, KroneckerModel, UnitWiseModel, UseModel
 from lightning_kfac.kfac.uses import UseSpec
 
 #: Every kind of use K-FAC models, in the order of the supported-uses table.
-KINDS: tuple[Kind, ...] = (linear.KIND, convolution.KIND, embedding.KIND, normalization.KIND)
+KINDS: tuple[Kind, ...] = (
+    linear.KIND,
+    convolution.KIND,
+    embedding.KIND,
+    normalization.KIND,
+    recurrent.KIND,
+)
 
 _BY_NAME: dict[str, Kind] = {kind.name: kind for kind in KINDS}
 
@@ -36,14 +42,16 @@ COMPOSITES: dict[Any, Callable[..., Any]] = {
 def kind_named(name: str) -> Kind:
     """The registered kind called ``name`` (``ValueError`` naming the known kinds otherwise)."""
     kind = _BY_NAME.get(str(name))
-    if kind is None:
+    if kind is None or kind.model is None:
         raise ValueError(f"unknown kind of use {name!r}; known: {', '.join(_BY_NAME)}")
     return kind
 
 
 def make_model(spec: UseSpec, shapes: dict[str, tuple[int, ...]], max_dim: int) -> UseModel:
     """The ``UseModel`` of ``spec`` (``shapes``: parameter name -> shape)."""
-    return kind_named(spec.kind).model(spec, shapes, max_dim)
+    model = kind_named(spec.kind).model
+    assert model is not None
+    return model(spec, shapes, max_dim)
 
 
 def supported_uses_markdown() -> str:

@@ -52,7 +52,8 @@ class Kind:
     Attributes:
         name: The kind's name (``UseSpec.kind``, the coverage table's ``uses`` column).
         recognizers: Torch function -> recogniser of its calls.
-        model: The ``UseModel`` subclass of its uses.
+        model: The ``UseModel`` subclass of its uses; None for a kind that only runs composite
+            functions whose calls other kinds model (``kinds/recurrent.py``).
         supported: Its rows of the supported-uses table.
         composites: Composite torch functions whose body makes calls of this kind, run with the
             tracing mode re-entered so that those calls are seen
@@ -61,7 +62,7 @@ class Kind:
 
     name: str
     recognizers: Mapping[Any, Recognizer]
-    model: type[UseModel]
+    model: type[UseModel] | None
     supported: tuple[SupportedUse, ...]
     composites: Mapping[Any, Callable[..., Any]] = dataclasses.field(default_factory=dict)
 
