@@ -92,6 +92,7 @@ class RankResult(pl.Callback):
         if pre is not None:
             result.update(
                 kfac_steps=pre.steps,
+                preconditioned_fraction=pre.preconditioned_fraction,
                 factors={
                     name: [None if f.value is None else f.value.clone() for f in block.factors]
                     for name, block in pre.blocks.items()
@@ -302,3 +303,58 @@ class FinetuneClassifier(pl.LightningModule):
         x = torch.randn(64, FEATURES, generator=gen, dtype=torch.float64)
         y = torch.randint(0, CLASSES, (64,), generator=gen)
         return DataLoader(TensorDataset(x, y), batch_size=self.batch_size)
+
+
+# -- recurrent models: the fused nn.LSTM / nn.GRU and a cell called in a loop --------------------
+class RecurrentModel(pl.LightningModule):
+    """A 2-layer ``nn.LSTM`` language model (``"lstm_lm"``), a bidirectional ``nn.GRU``
+    classifier (``"gru_classifier"``) or an ``nn.LSTMCell`` unrolled in a Python loop
+    (``"lstm_cell"``), as users write them."""
+
+    def __init__(
+        self, kind: str, batch_size: int = 8, lr: float = 0.05, dtype: torch.dtype = torch.float32
+    ) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.kind = kind
+        self.embedding = nn.Embedding(VOCAB, WIDTH)
+        if kind == "lstm_lm":
+            self.rnn = nn.LSTM(WIDTH, WIDTH, num_layers=2, batch_first=True)
+        elif kind == "gru_classifier":
+            self.rnn = nn.GRU(WIDTH, WIDTH, batch_first=True, bidirectional=True)
+        else:
+            self.rnn = nn.LSTMCell(WIDTH, WIDTH)
+        width = 2 * WIDTH if kind == "gru_classifier" else WIDTH
+        self.head = nn.Linear(width, VOCAB)
+        self.to(dtype)
+        self.batch_size = batch_size
+        self.lr = lr
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embedding(tokens)
+        if self.kind == "lstm_cell":
+            state, outputs = None, []
+            for t in range(x.shape[1]):
+                state = self.rnn(x[:, t], state)
+                outputs.append(state[0])
+            return self.head(torch.stack(outputs, dim=1))
+        out, last = self.rnn(x)
+        if self.kind == "gru_classifier":
+            return self.head(torch.cat([last[0], last[1]], dim=-1))  # one label per sequence
+        return self.head(out)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        tokens, targets = batch
+        logits = self(tokens)
+        if self.kind == "gru_classifier":
+            return F.cross_entropy(logits, targets[:, 0])
+        return F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+    def train_dataloader(self) -> DataLoader:
+        gen = torch.Generator().manual_seed(3)
+        tokens = torch.randint(0, VOCAB, (64, LENGTH + 1), generator=gen)
+        data = TensorDataset(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
+        return DataLoader(data, batch_size=self.batch_size)

@@ -45,6 +45,7 @@ from tests._dist_models import (
     FinetuneClassifier,
     NaNBatchClassifier,
     RankResult,
+    RecurrentModel,
     TiedLanguageModel,
     branch_taken,
     load_ranks,
@@ -208,6 +209,30 @@ def test_tied_embedding_replicas_stay_bitwise_identical(tmp_path: Path, mode: st
     assert_bitwise_replicas(results)
     uses = [name for name in results[0]["factors"] if name.startswith("embedding.weight")]
     assert len(uses) == 2, list(results[0]["factors"])  # the embedding and the head
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", ["lstm_lm", "gru_classifier", "lstm_cell"])
+def test_recurrent_models_are_covered_and_replicas_stay_bitwise_identical(
+    tmp_path: Path, kind: str, mode: str
+) -> None:
+    """``nn.LSTM``, ``nn.GRU`` and an ``nn.LSTMCell`` loop as users write them: every trainable
+    element preconditioned (each gate projection a block), and 12 float32 steps with factors
+    every other step (capture steps unrolled, the others fused) bit-identical on both ranks."""
+    strategy = KFACDDPStrategy(
+        start_method="fork",
+        distribution_mode=mode,
+        factor_update_interval=2,
+        inverse_update_interval=4,
+        kl_clip=1e-2,
+    )
+    results = fit_two_ranks(tmp_path, kind, RecurrentModel(kind), strategy=strategy, max_steps=12)
+    assert_kfac_ran(results, 12, mode)
+    assert_bitwise_replicas(results)
+    assert results[0]["preconditioned_fraction"] == 1.0
+    rnn_blocks = [name for name in results[0]["factors"] if name.startswith("rnn.")]
+    expected = {"lstm_lm": 2 * 2, "gru_classifier": 2 * 2, "lstm_cell": 2}[kind]
+    assert len(rnn_blocks) == expected, rnn_blocks  # [W_ih b_ih], [W_hh b_hh] per layer-direction
 
 
 # -- 3. a branch taken on some ranks only ----------------------------------------------------------

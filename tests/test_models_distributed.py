@@ -1,9 +1,10 @@
 """Modern networks through ``KFACDDPStrategy`` on real gloo processes: 2 ranks × B = 1 rank × 2B.
 
-Two models that exercise every new kind of block (issue 8, item 7):
+Three models that exercise every kind of block (issue 8, item 7; issue 15):
 
 - a TransformerEncoder language model whose LM head is tied to its embedding (embedding use,
   linear use of the same matrix, MHA projections, LayerNorm unit-wise blocks);
+- a 2-layer ``nn.LSTM`` language model (the recurrent kind's unrolled gate projections);
 - a CNN with BatchNorm. BatchNorm normalises with the statistics of the batch each rank holds,
   so 2 ranks × B compute a different function from 1 rank × 2B — unless the single rank
   normalises each half of its batch separately ("ghost" batch norm, the same module calling
@@ -46,6 +47,19 @@ class TiedTransformerLM(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.head(self.norm(self.encoder(self.embedding(tokens))))
+
+
+class LSTMLanguageModel(nn.Module):
+    """A 2-layer ``nn.LSTM`` LM (the recurrent kind: every gate projection a linear use)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(VOCAB, DIM)
+        self.lstm = nn.LSTM(DIM, DIM, num_layers=2, batch_first=True)
+        self.head = nn.Linear(DIM, VOCAB)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.lstm(self.embedding(tokens))[0])
 
 
 class GhostBatchNorm2d(nn.BatchNorm2d):
@@ -100,7 +114,8 @@ class Module(pl.LightningModule):
         super().__init__()
         torch.manual_seed(0)
         self.kind = kind
-        self.net = (TiedTransformerLM() if kind == "lm" else BatchNormCNN(chunks)).double()
+        nets = {"lm": TiedTransformerLM, "rnn": LSTMLanguageModel}
+        self.net = (nets[kind]() if kind in nets else BatchNormCNN(chunks)).double()
         self.batch_size = batch_size
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -112,7 +127,7 @@ class Module(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
     def train_dataloader(self) -> DataLoader:
-        data = lm_data() if self.kind == "lm" else image_data()
+        data = image_data() if self.kind == "cnn" else lm_data()
         return DataLoader(data, batch_size=self.batch_size, shuffle=False)
 
 
@@ -152,7 +167,7 @@ def fit(
 
 
 @pytest.mark.parametrize("mode", ["broadcast_decompositions", "broadcast_gradients"])
-@pytest.mark.parametrize("kind", ["lm", "cnn"])
+@pytest.mark.parametrize("kind", ["lm", "cnn", "rnn"])
 def test_two_ranks_equal_one_rank_with_double_batch(tmp_path: Path, kind: str, mode: str) -> None:
     two = fit(tmp_path, "two", kind, 2, mode)
     one = fit(tmp_path, "one", kind, 1, mode)
@@ -164,8 +179,10 @@ def test_two_ranks_equal_one_rank_with_double_batch(tmp_path: Path, kind: str, m
             "net.embedding.weight@net.embedding:embedding",
             "net.embedding.weight@net.head:linear",
         } <= names
-    else:
+    elif kind == "cnn":
         assert {"net.norm1.weight", "net.norm2.weight", "net.conv1.weight"} <= names
+    else:
+        assert {f"net.lstm.weight_{p}_l{layer}" for p in ("ih", "hh") for layer in (0, 1)} <= names
     assert relative_difference(two["params"], one["params"]) <= 1e-9
     # K-FAC changed the trajectory (the comparison is not between two identity maps)
     torch.manual_seed(0)
@@ -175,7 +192,8 @@ def test_two_ranks_equal_one_rank_with_double_batch(tmp_path: Path, kind: str, m
 
 
 @pytest.mark.parametrize("mode", ["broadcast_decompositions", "broadcast_gradients"])
-def test_tied_lm_resumes_exactly_between_inverse_updates(tmp_path: Path, mode: str) -> None:
+@pytest.mark.parametrize("kind", ["lm", "rnn"])
+def test_lm_resumes_exactly_between_inverse_updates(tmp_path: Path, kind: str, mode: str) -> None:
     """3 steps per epoch, decompositions every 4 steps: the checkpoint after epoch 1 (6 steps)
     holds factors updated at step 5, newer than their decompositions (step 4), and steps 6 and 7
     precondition with those older decompositions. In broadcast_gradients mode they live on
@@ -185,12 +203,12 @@ def test_tied_lm_resumes_exactly_between_inverse_updates(tmp_path: Path, mode: s
     # (measured with plain DDP: 1.3e-2 relative difference with max_steps=9, 0 with epochs).
     kwargs = dict(max_steps=-1, max_epochs=3, inverse_update_interval=4)
     full = fit(
-        tmp_path, "full", "lm", 2, mode, callbacks=(SaveAfterEpoch(checkpoint, 1),), **kwargs
+        tmp_path, "full", kind, 2, mode, callbacks=(SaveAfterEpoch(checkpoint, 1),), **kwargs
     )
     state = torch.load(checkpoint, weights_only=True)["kfac"]  # plain data: weights_only works
     assert state["steps"] == 6 and state["last_inverse_step"] == 4
     saved = [f for block in state["blocks"].values() for f in block["factors"]]
     assert all("decomposition" in f for f in saved if not f["diagonal"])
-    resumed = fit(tmp_path, "resumed", "lm", 2, mode, ckpt_path=checkpoint, **kwargs)
+    resumed = fit(tmp_path, "resumed", kind, 2, mode, ckpt_path=checkpoint, **kwargs)
     assert resumed["kfac_steps"] == full["kfac_steps"] == 9
     assert relative_difference(resumed["params"], full["params"]) <= 1e-12
