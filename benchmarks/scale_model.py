@@ -63,8 +63,10 @@ if __package__ in (None, ""):
 from lightning_kfac import KFACPreconditioner
 from lightning_kfac.distributed.assignment import assign_by_cost
 from lightning_kfac.distributed.comm import BucketedAllReduce
+from lightning_kfac.kfac.calls import RecognizedCall
 from lightning_kfac.kfac.kinds import KroneckerModel
 from lightning_kfac.kfac.options import ComputeMethod, DistributionMode
+from lightning_kfac.kfac.uses import UseSpec
 
 WORLD_SIZES = tuple(2**k for k in range(3, 11))  # 8 ... 1024
 INTERVALS = ((1, 10), (10, 100))  # (factor_update_interval, inverse_update_interval)
@@ -391,28 +393,34 @@ def trace(
     """The library's blocks of ``model``, traced by one training forward of ``inputs``.
 
     Builds ``KFACPreconditioner(model, kl_clip=None)`` (default options otherwise), runs the
-    forward (capture disabled: only the uses are traced) and ``fix_structure()``, then reads the
-    shapes of ``pre.blocks``. ``rows`` (per sample) come from forward hooks on the use sites: the
-    site's output has ``rows · B · d_out`` elements.
+    forward (capture disabled: only the uses are traced; meta tensors work) and
+    ``fix_structure()``, then reads the shapes of ``pre.blocks``. ``rows`` (per sample) are the
+    ``N·T`` rows of each use's calls, summed over its calls (a recurrent layer's gate
+    projections: every time step), as its kind counts them (``KroneckerModel.row_count``).
     """
     pre = KFACPreconditioner(model, kl_clip=None, max_factor_dim=max_factor_dim, report=False)
     pre.capture_enabled = False  # trace the uses; no factor statistics needed
-    outputs: dict[str, int] = {}
-    handles = []
-    for name, module in model.named_modules():
+    capture, rows_of = pre.capture, {}
+    recognised = capture.on_call
 
-        def hook(module: nn.Module, args: Any, output: Any, name: str = name) -> None:
-            if isinstance(output, Tensor):
-                outputs[name] = output.numel()
+    def counting(call: RecognizedCall, site: str) -> Any:
+        output = recognised(call, site)
+        weight, bias = (
+            capture.index.resolve(v) if isinstance(v, Tensor) else None
+            for v in (call.weight, call.bias)
+        )
+        spec = UseSpec.of_call(call, site, weight, bias)
+        sums = capture.uses.get(spec)
+        if sums is not None and isinstance(sums.model, KroneckerModel):
+            rows_of[spec] = rows_of.get(spec, 0) + sums.model.row_count(call.input)
+        return output
 
-        handles.append(module.register_forward_hook(hook))
+    capture.on_call = counting  # type: ignore[method-assign]
     model.train()
     try:
         model(*inputs)
         pre.fix_structure()
     finally:
-        for handle in handles:
-            handle.remove()
         pre.remove_hooks()
     shapes = []
     for name, block in pre.blocks.items():
@@ -424,9 +432,7 @@ def trace(
         rows, weight_numel = 0.0, 0
         model_ = block.model
         if isinstance(model_, KroneckerModel):
-            out = outputs.get(block.spec.site)
-            if out is not None:
-                rows = out / (model_.blocks * model_.out_features) / batch_size
+            rows = rows_of.get(block.spec, 0) / batch_size
             weight_numel = model_.in_features * model_.out_features
         shapes.append(BlockShape(name, str(block.spec.kind), factors, alias, rows, weight_numel))
     if pre.preconditioned_fraction != 1.0:

@@ -1,6 +1,6 @@
 """Step time of K-FAC against SGD, one process and two, next to the FLOP-model bound.
 
-    python benchmarks/step_time.py                       # both workloads, 1 and 2 processes
+    python benchmarks/step_time.py                       # every workload, 1 and 2 processes
     python benchmarks/step_time.py --reference    # + gpauloski/kfac-pytorch (installed), 1 process
 
 Workloads:
@@ -11,6 +11,10 @@ Workloads:
   that is cheaper (``lightning_kfac.kfac.patches``).
 - ``transformer``: a Linear-heavy transformer LM (embedding, 2 encoder layers with MHA,
   d=256, FFN 1024, tied head over 1,000 tokens); batch 16 × 64 tokens per process.
+- ``lstm``: a recurrent LM (embedding, 2-layer ``nn.LSTM`` with 256 units, head over 1,000
+  tokens); batch 16 × 64 tokens per process. ``sgd`` runs the fused LSTM kernel; K-FAC runs the
+  cells unrolled on its capture steps (every step at 1/10, one in ten at 10/100) and the fused
+  kernel on the others (``lightning_kfac.kfac.kinds.recurrent``).
 
 Methods, measured side by side in round-robin blocks (every round times a block of ``--steps``
 steps of each method, so machine-load drift hits all methods alike):
@@ -106,6 +110,25 @@ class TransformerLM(nn.Module):
         return self.head(self.encoder(self.embedding(tokens)))
 
 
+class LSTMLM(nn.Module):
+    def __init__(self, vocab: int = 1000, dim: int = 256, layers: int = 2) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, dim)
+        self.lstm = nn.LSTM(dim, dim, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.lstm(self.embedding(tokens))[0])
+
+
+WORKLOADS: dict[str, Callable[[], nn.Module]] = {
+    "cnn": SmallCNN,
+    "transformer": TransformerLM,
+    "lstm": LSTMLM,
+}
+BATCH_SIZES = {"cnn": 128, "transformer": 16, "lstm": 16}
+
+
 def make_batch(workload: str, batch: int) -> tuple[Tensor, Tensor]:
     generator = torch.Generator().manual_seed(0)
     if workload == "cnn":
@@ -117,7 +140,7 @@ def make_batch(workload: str, batch: int) -> tuple[Tensor, Tensor]:
 
 def make_model(workload: str) -> nn.Module:
     torch.manual_seed(0)
-    return SmallCNN() if workload == "cnn" else TransformerLM()
+    return WORKLOADS[workload]()
 
 
 def loss_of(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -344,7 +367,7 @@ def print_table(title: str, summary: dict[str, dict[str, float]]) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workloads", nargs="+", default=["cnn", "transformer"])
+    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=20, help="steps per timed block (>= 10)")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
@@ -360,7 +383,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--port", type=int, default=29533)
     parser.add_argument("--json", default="benchmarks/step_time.json")
     args = parser.parse_args(argv)
-    args.batch_size = {"cnn": 128, "transformer": 16}
+    args.batch_size = BATCH_SIZES
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.reference:  # a checkout to import `kfac` from

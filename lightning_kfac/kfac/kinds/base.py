@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -260,6 +260,21 @@ class KroneckerModel(UseModel):
 
     def g_statistic(self, output_gradient: Tensor, index: Tensor | None) -> Tensor:
         rows = self.g_rows(output_gradient, index)
+        return linalg.factor_sum(rows, diagonal=self.g_diagonal, append_ones=False)
+
+    def a_statistic_of_calls(self, inputs: Sequence[Tensor], index: Tensor | None) -> Tensor:
+        """``Σ a aᵀ`` over the rows of several calls of the use (rows ``index`` of their
+        concatenation, in call order)."""
+        if len(inputs) == 1:
+            return self.a_statistic(inputs[0], index)
+        rows = torch.cat([self.a_rows(x, None) for x in inputs], dim=1)
+        rows = rows if index is None else rows[:, index]
+        return linalg.factor_sum(rows, diagonal=self.a_diagonal, append_ones=self.has_bias)
+
+    def g_statistic_of_calls(self, gradients: Sequence[Tensor], index: Tensor | None) -> Tensor:
+        """``Σ g gᵀ`` over the rows of several calls' (scaled) output gradients."""
+        rows = torch.cat([self.g_rows(g, None) for g in gradients], dim=1)
+        rows = rows if index is None else rows[:, index]
         return linalg.factor_sum(rows, diagonal=self.g_diagonal, append_ones=False)
 
     # -- reduce rule: per-sample sums over positions -------------------------------------------

@@ -9,9 +9,10 @@ output gradients at every location (docs/design.md §3).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -99,6 +100,18 @@ class ConvModel(KroneckerModel):
             )
         return super().a_statistic(layer_input, index)
 
+    def a_statistic_of_calls(self, inputs: Sequence[Tensor], index: Tensor | None) -> Tensor:
+        """Calls on inputs of one shape are one call on their concatenation (the fast exact
+        ``A`` applies to it); rows otherwise."""
+        if index is None and not self.a_diagonal:
+            return _sum_by_shape([self._batched(x) for x in inputs], self.a_statistic)
+        return super().a_statistic_of_calls(inputs, index)
+
+    def g_statistic_of_calls(self, gradients: Sequence[Tensor], index: Tensor | None) -> Tensor:
+        if index is None and not self.g_diagonal:
+            return _sum_by_shape([self._batched(g) for g in gradients], self.g_statistic)
+        return super().g_statistic_of_calls(gradients, index)
+
     def g_rows(self, output_gradient: Tensor, index: Tensor | None) -> Tensor:
         grads = self._batched(output_gradient)
         batch = grads.shape[0]
@@ -140,6 +153,23 @@ class ConvModel(KroneckerModel):
     def from_matrix(self, matrix: Tensor) -> tuple[Tensor | None, Tensor | None]:
         weight, bias = self._split_bias(matrix)
         return weight.reshape(self.weight_shape), bias
+
+
+def _sum_by_shape(
+    tensors: Sequence[Tensor], statistic: Callable[[Tensor, Tensor | None], Tensor]
+) -> Tensor:
+    """``Σ statistic`` over groups of same-shaped tensors, each group concatenated on dim 0."""
+    groups: dict[tuple[int, ...], list[Tensor]] = {}
+    for tensor in tensors:
+        groups.setdefault(tuple(tensor.shape[1:]), []).append(tensor)
+    parts = [
+        statistic(torch.cat(group) if len(group) > 1 else group[0], None)
+        for group in groups.values()
+    ]
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
 
 
 KIND = Kind(

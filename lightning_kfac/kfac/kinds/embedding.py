@@ -7,6 +7,7 @@ gradients (docs/design.md §4).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -86,6 +87,9 @@ class EmbeddingModel(KroneckerModel):
             # (they still count in N·T), so that dW = (1/N) Σ g aᵀ holds with this A.
             counts[padding_idx] = 0.0
         return counts.unsqueeze(0)
+
+    def a_statistic_of_calls(self, inputs: Sequence[Tensor], index: Tensor | None) -> Tensor:
+        return self.a_statistic(torch.cat([ids.reshape(-1) for ids in inputs]), index)
 
     def g_rows(self, output_gradient: Tensor, index: Tensor | None) -> Tensor:
         return feature_rows(output_gradient, self.out_features, index)
