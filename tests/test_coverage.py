@@ -164,29 +164,29 @@ def test_lightning_demo_transformer_is_covered_and_trains() -> None:
 
 
 def test_unsupported_uses_are_named_with_their_reason() -> None:
-    class LearnedPositions(nn.Module):
+    class ScaledPositions(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.positions = nn.Parameter(torch.zeros(5, 4))  # used by an addition
+            self.positions = nn.Parameter(torch.ones(5, 4))  # used by a division
             self.layer = nn.Linear(4, 3)
-            self.shared_bias = nn.Parameter(torch.zeros(3))
+            self.log_scale = nn.Parameter(torch.zeros(3))
 
         def forward(self, x: Tensor) -> Tensor:
-            out = self.layer(x + self.positions)
-            return out + self.shared_bias  # a bias outside any linear call
+            out = self.layer(x / self.positions)
+            return out * torch.exp(self.log_scale)  # a function of the parameter, then a product
 
     torch.manual_seed(0)
-    model = LearnedPositions()
+    model = ScaledPositions()
     pre = KFACPreconditioner(model, kl_clip=None)
     F.cross_entropy(model(torch.randn(2, 5, 4)).sum(1), torch.tensor([0, 1])).backward()
     with pytest.warns(KFACCoverageWarning) as caught:
         pre.step()
     message = str(caught[0].message)
-    assert "positions (used by add in the root module" not in message  # site is named
-    assert "positions (used by add" in message and "shared_bias (used by add" in message
+    assert "positions (used by div in the root module" not in message  # site is named
+    assert "positions (used by div" in message and "log_scale (used by exp" in message
     assert math.isclose(pre.preconditioned_fraction, 15 / (20 + 15 + 3))
     table = pre.coverage_report()
-    assert "left to the optimizer: used by add" in table
+    assert "left to the optimizer: used by div" in table
 
 
 def test_preconditioned_fraction_is_logged_once_and_table_printed(

@@ -23,6 +23,7 @@ owner does.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -110,7 +111,13 @@ class TorchDistributedDistributor(Distributor):
         self._index = {id(block): index for index, block in enumerate(blocks)}
         self.owners = assign_by_cost([decomposition_cost(b) for b in blocks], self.world_size)
         factor_dtype = blocks[0].factor_dtype if blocks else torch.float32
-        sizes = [sum(piece_numel(p, s) + 1 for p, s in _payload_shapes(b)) for b in blocks]
+        sizes = [
+            sum(
+                piece_numel(f.shape, not f.diagonal) + max(1, math.prod(f.count_shape))
+                for f in b.factors
+            )
+            for b in blocks
+        ]
         self.allreduce = BucketedAllReduce(
             sizes,
             self.group,
@@ -151,7 +158,7 @@ class TorchDistributedDistributor(Distributor):
             block.factors, block.take_sums(self._device(block)), strict=True
         ):
             sums.append((total, not factor.diagonal))
-            counts.append((count.reshape(1), False))
+            counts.append((count.reshape(-1), False))
         return sums + counts
 
     def factors_ready(self, block: Block) -> None:
@@ -176,7 +183,10 @@ class TorchDistributedDistributor(Distributor):
             count = len(block.factors)
             sums, counts = item[:count], item[count:]
             out.append(
-                [(total, c.reshape(())) for (total, _), (c, _) in zip(sums, counts, strict=True)]
+                [
+                    (total, c.reshape(factor.count_shape))
+                    for factor, (total, _), (c, _) in zip(block.factors, sums, counts, strict=True)
+                ]
             )
         return out
 
@@ -339,21 +349,18 @@ class TorchDistributedDistributor(Distributor):
             for i in positions:
                 block, gradient = items[i]
                 value = compute(block, gradient) if owner == self.rank else None
-                flag = torch.zeros(1, dtype=gradient.dtype, device=gradient.device)
+                flag_numel = max(1, math.prod(block.ok_shape))
+                flag = torch.zeros(flag_numel, dtype=gradient.dtype, device=gradient.device)
                 if value is None:
                     matrix = torch.zeros_like(gradient)
                 else:
                     matrix, ok = value
-                    flag = ok.to(gradient.dtype).reshape(1)
+                    flag = ok.to(gradient.dtype).reshape(-1)
                 tensors += [matrix.contiguous(), flag]
             sent = broadcast_flat(tensors, self._global_rank(owner), self.group, tensors[0].dtype)
             if owner == self.rank:
                 self.broadcast_bytes += sent
             for slot, i in enumerate(positions):
                 matrix, flag = tensors[2 * slot], tensors[2 * slot + 1]
-                results[i] = (matrix, flag.reshape(()) > 0.5)
+                results[i] = (matrix, flag.reshape(items[i][0].ok_shape) > 0.5)
         return results
-
-
-def _payload_shapes(block: Block) -> list[tuple[tuple[int, ...], bool]]:
-    return [(factor.shape, not factor.diagonal) for factor in block.factors]

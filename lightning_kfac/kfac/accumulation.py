@@ -40,11 +40,15 @@ from lightning_kfac.kfac.options import KFACApproximation
 
 
 class SideSum:
-    """The step's ``Σ r rᵀ`` (or its diagonal) of one factor side and its normaliser."""
+    """The step's ``Σ r rᵀ`` (or its diagonal) of one factor side and its normaliser (one per
+    block when ``count_shape`` is ``(blocks,)``)."""
 
-    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    def __init__(
+        self, shape: tuple[int, ...], dtype: torch.dtype, count_shape: tuple[int, ...] = ()
+    ) -> None:
         self.shape = shape
         self.dtype = dtype
+        self.count_shape = count_shape
         self._sum: Tensor | None = None
         self._count: float | Tensor = 0.0
 
@@ -77,6 +81,8 @@ class SideSum:
             else torch.zeros(self.shape, dtype=self.dtype, device=device)
         )
         count = torch.as_tensor(self._count, dtype=self.dtype, device=total.device)
+        if count.shape != self.count_shape:
+            count = count.expand(self.count_shape).clone()
         self.discard()
         return total, count
 
@@ -120,9 +126,11 @@ class PendingCall:
     forward_id: int
     batch_size: int
     batch_dim: int
-    #: Expand rule: the call's input and its number of rows ``N·T``.
+    #: Expand rule: the call's input, its rows ``N·T`` and their routes to the factors' blocks
+    #: (``RecognizedCall.routing``: which expert each row went to).
     layer_input: Tensor | None = None
-    a_count: float = 0.0
+    rows: int = 0
+    routing: Any = None
     #: Per-sample rule: what ``UseModel.begin_samples`` returned.
     begun: Any = None
 
@@ -174,8 +182,12 @@ class UseSums:
         self.model = model
         self.dtype = dtype
         self.sides = [
-            SideSum((blocks, dim) if diagonal else (blocks, dim, dim), dtype)
-            for dim, blocks, diagonal in model.factor_sides
+            SideSum(
+                (side.blocks, side.dim) if side.diagonal else (side.blocks, side.dim, side.dim),
+                dtype,
+                (side.blocks,) if side.per_block_count else (),
+            )
+            for side in model.factor_sides
         ]
         self.per_sample = model.per_sample(approximation)
         self.sampler = sampler
@@ -216,7 +228,8 @@ class UseSums:
         else:
             assert isinstance(model, KroneckerModel)
             pending.layer_input = x
-            pending.a_count = float(model.row_count(x))
+            pending.rows = model.row_count(x)
+            pending.routing = call.routing
         self.open_calls += 1
         return pending
 
@@ -256,27 +269,26 @@ class UseSums:
             assert x is not None
             inputs.append(x if x.dtype in (torch.int64, torch.int32) else x.to(self.dtype))
         device = inputs[0].device
-        rows = sum(call.pending.a_count for call in answered)
-        index, weight = self.sampler.draw(int(rows), device)
-        a_statistic = model.a_statistic_of_calls(inputs, index).to(self.dtype)
+        routes = [call.pending.routing for call in answered]
+        index, weight = self.sampler.draw(sum(call.pending.rows for call in answered), device)
+        a_statistic = model.a_statistic_of_calls(inputs, index, routes).to(self.dtype)
         a_statistic = a_statistic if weight == 1.0 else a_statistic * weight
-        if len(answered) == 1:
-            (call,) = answered
-            index, weight = self.sampler.draw(model.g_row_count(call.gradient), device)
-            g_statistic = model.g_statistic(call.gradient, index) * (call.scale**2 * weight)
-        else:
-            gradients = [call.gradient * call.scale for call in answered]
-            total = sum(model.g_row_count(g) for g in gradients)
-            index, weight = self.sampler.draw(total, device)
-            g_statistic = model.g_statistic_of_calls(gradients, index)
-            g_statistic = g_statistic if weight == 1.0 else g_statistic * weight
+        a_count = sum(
+            model.a_count(call.pending.rows, call.pending.routing, device) for call in answered
+        )
+        gradients = [call.gradient for call in answered]
+        total = sum(model.g_row_count(g) for g in gradients)
+        index, weight = self.sampler.draw(total, device)
+        scales = [call.scale for call in answered]
+        g_statistic = model.g_statistic_of_calls(gradients, scales, index, routes)
+        g_statistic = g_statistic if weight == 1.0 else g_statistic * weight
         counts = 0.0
         for call in answered:
             if call.pending.forward_id not in self._counted_forwards:
                 self._counted_forwards.add(call.pending.forward_id)
                 counts += float(call.pending.batch_size)
         a_side, g_side = self.sides
-        a_side.add(a_statistic, rows)
+        a_side.add(a_statistic, a_count)
         g_side.add(g_statistic, counts)
 
     def _commit_samples(self, forward_id: int) -> None:

@@ -58,7 +58,13 @@ class Block:
             list(factors)
             if factors is not None
             else [
-                KroneckerFactor(side.dim, side.blocks, factor_dtype, diagonal=side.diagonal)
+                KroneckerFactor(
+                    side.dim,
+                    side.blocks,
+                    factor_dtype,
+                    diagonal=side.diagonal,
+                    per_block_count=side.per_block_count,
+                )
                 for side in model.factor_sides
             ]
         )
@@ -110,12 +116,21 @@ class Block:
     def has_decomposition(self) -> bool:
         return all(factor.decomposition is not None for factor in self.factors)
 
+    @property
+    def ok_shape(self) -> tuple[int, ...]:
+        """Shape of ``seen()`` and of ``precondition``'s ``ok``: ``(blocks, 1, 1)`` when a factor
+        counts per block (each block falls back alone), else ``()``."""
+        per_block = any(factor.per_block_count for factor in self.factors)
+        return (self.factors[0].blocks, 1, 1) if per_block else ()
+
     def seen(self) -> Tensor:
-        """0-dim bool (device): every factor holds an accepted batch."""
-        flags = [factor.seen for factor in self.factors]
-        out = flags[0]
-        for flag in flags[1:]:
-            out = out & flag  # type: ignore[operator]
+        """Bool (device, ``ok_shape``): every factor holds an accepted batch."""
+        shape = self.ok_shape
+        out: Tensor | None = None
+        for factor in self.factors:
+            assert factor.seen is not None
+            flag = factor.seen.reshape(shape) if factor.seen.dim() else factor.seen
+            out = flag if out is None else out & flag
         assert out is not None
         return out
 
@@ -123,8 +138,9 @@ class Block:
     def precondition(
         self, gradient: Tensor, inverse: FactorInverse, damping: float
     ) -> tuple[Tensor, Tensor] | None:
-        """``(P, ok)``: the preconditioned matrix and a 0-dim bool (device) saying it may be used
-        (factors seen, result finite); None without a decomposition (keep the raw gradient)."""
+        """``(P, ok)``: the preconditioned matrix and a bool (device, ``ok_shape``) saying it may
+        be used (factors seen, result finite); None without a decomposition (keep the raw
+        gradient)."""
         if not self.has_decomposition:
             return None
         decompositions = [factor.decomposition for factor in self.factors]

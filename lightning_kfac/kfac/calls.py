@@ -21,13 +21,17 @@ class ParameterView:
     """How a tensor passed to a function relates to a tracked parameter.
 
     ``tensor == param[rows[0]:rows[1]]`` (``rows`` None: the whole parameter), transposed when
-    ``transposed`` (2-D only). ``rows == (-1, -1)`` marks a view that is neither (a use no kind
-    can model).
+    ``transposed`` (a matrix's two dimensions; the last two of a stack of matrices);
+    ``selected``: ``tensor == param[rows[0]]``, one matrix of a stack (an expert's weight);
+    ``broadcast``: ``tensor == param.expand(...)`` (a class token expanded over the batch).
+    ``rows == (-1, -1)`` marks a view that is none of these (a use no kind can model).
     """
 
     name: str
     rows: tuple[int, int] | None = None
     transposed: bool = False
+    selected: bool = False
+    broadcast: bool = False
 
     @property
     def is_unmodellable(self) -> bool:
@@ -35,8 +39,8 @@ class ParameterView:
 
     @property
     def is_part(self) -> bool:
-        """A row slice or a transpose, not the parameter as it is."""
-        return self.rows is not None or self.transposed
+        """A row slice, a selection, a transpose or a broadcast, not the parameter as it is."""
+        return self.rows is not None or self.transposed or self.selected or self.broadcast
 
 
 @dataclasses.dataclass
@@ -64,6 +68,9 @@ class RecognizedCall:
     unsupported: str | None = None
     #: Norm calls: recomputes ``x̂`` from the saved input at backward (not part of the identity).
     normalize: Callable[[Tensor], Tensor] | None = dataclasses.field(default=None, compare=False)
+    #: Which block of the use's factors each row of the call feeds (an expert's index, or the
+    #: group offsets of a grouped matmul); None: every block sees its rows (not the identity).
+    routing: Any = dataclasses.field(default=None, compare=False)
 
     def run(self, weight: Tensor | None = None, bias: Tensor | None = None) -> Any:
         """Call the function, with ``weight``/``bias`` substituted when given."""
@@ -82,8 +89,9 @@ class RecognizedCall:
         return getattr(self.func, "__name__", str(self.func))
 
 
-#: A kind's recogniser: ``(func, args, kwargs) -> RecognizedCall``.
-Recognizer = Callable[[Any, list[Any], dict[str, Any]], RecognizedCall]
+#: A kind's recogniser: ``(func, args, kwargs) -> RecognizedCall``, or None to decline the call
+#: (another kind's recogniser of the same function gets it: ``kinds.RECOGNIZERS``).
+Recognizer = Callable[[Any, list[Any], dict[str, Any]], RecognizedCall | None]
 
 
 def argument(

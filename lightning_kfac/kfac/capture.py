@@ -251,7 +251,9 @@ class UseCapture(UseListener):
                 if view is not None:
                     self.on_unsupported(view, problem, site)
             return call.run()
-        spec = UseSpec.of_call(call, site, weight, bias)
+        model = kind_named(call.kind).model
+        assert model is not None
+        spec = model.use_of(call, site, weight, bias)
         discovering = self.discovering
         if spec not in self.uses and not discovering:
             self.unexpected.setdefault(spec)

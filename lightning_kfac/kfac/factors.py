@@ -31,15 +31,24 @@ class KroneckerFactor:
         blocks: Number of independent blocks (convolution groups, norm channels; else 1).
         dtype: Dtype of the running average (``factor_dtype``).
         diagonal: Keep only the diagonal.
+        per_block_count: Each block has its own normaliser (``count`` of shape ``[blocks]``): a
+            block whose count is 0 keeps its value, and ``seen`` is per block.
     """
 
     def __init__(
-        self, dim: int, blocks: int, dtype: torch.dtype, *, diagonal: bool = False
+        self,
+        dim: int,
+        blocks: int,
+        dtype: torch.dtype,
+        *,
+        diagonal: bool = False,
+        per_block_count: bool = False,
     ) -> None:
         self.dim = dim
         self.blocks = blocks
         self.dtype = dtype
         self.diagonal = diagonal
+        self.per_block_count = per_block_count
         #: The running average (None before the first update).
         self.value: Tensor | None = None
         #: 0-dim bool: whether ``value`` holds an accepted batch (device-side).
@@ -57,6 +66,18 @@ class KroneckerFactor:
     def shape(self) -> tuple[int, ...]:
         return (self.blocks, self.dim) if self.diagonal else (self.blocks, self.dim, self.dim)
 
+    @property
+    def count_shape(self) -> tuple[int, ...]:
+        """Shape of the normaliser: ``(blocks,)`` with per-block counts, else ``()``."""
+        return (self.blocks,) if self.per_block_count else ()
+
+    @property
+    def seen_shape(self) -> tuple[int, ...]:
+        """Shape of ``seen`` (broadcastable against ``value``): per block, or one flag."""
+        if not self.per_block_count:
+            return ()
+        return (self.blocks, 1) if self.diagonal else (self.blocks, 1, 1)
+
     # -- running average -----------------------------------------------------------------------
     def update(
         self, total: Tensor, count: Tensor, decay: float, accept: Tensor | None = None
@@ -68,6 +89,8 @@ class KroneckerFactor:
         worker captured this factor) or ``accept`` is False (a skipped step); a batch that is not
         finite is rejected too and counted in ``rejected``.
         """
+        if self.per_block_count:  # [blocks] -> broadcast over each block
+            count = count.reshape(self.blocks, *([1] * (total.dim() - 1)))
         present = count > 0
         batch = (total / torch.where(present, count, torch.ones_like(count))).to(self.dtype)
         if self.value is None:
@@ -86,8 +109,8 @@ class KroneckerFactor:
         )
         blended = self.value * effective_decay + batch * (1 - effective_decay)
         self.value = torch.where(finite, blended, self.value)
-        self.seen = self.seen | finite
-        self.rejected = self.rejected + (present & ~batch_finite).to(torch.int64)
+        self.seen = self.seen | finite.reshape(self.seen_shape)
+        self.rejected = self.rejected + (present & ~batch_finite).any().to(torch.int64)
         self.updates += 1
         self.changed_since_decomposition = True
 

@@ -539,9 +539,9 @@ class KFACPreconditioner:
                 preconditioned = preconditioned * scale.to(preconditioned)
             finals[block.name] = torch.where(ok, preconditioned, gradient)
         self.router.write_back(blocks, finals, use_gradients)
-        fallbacks = [ok for _, _, (_, ok) in pairs]
+        fallbacks = [(~ok).any() for _, _, (_, ok) in pairs]
         if fallbacks:
-            count = (~torch.stack(fallbacks)).sum()
+            count = torch.stack(fallbacks).sum()
             if finite is not None:  # non-finite raw gradients explain non-finite results
                 count = count * finite
             self._nonfinite_results = (

@@ -95,7 +95,13 @@ def check_factors(saved: SavedBlock, model: UseModel, dtype: Any) -> None:
     for index, (side, factor_state) in enumerate(
         zip(model.factor_sides, saved.factors, strict=True)
     ):
-        factor = KroneckerFactor(side.dim, side.blocks, dtype, diagonal=side.diagonal)
+        factor = KroneckerFactor(
+            side.dim,
+            side.blocks,
+            dtype,
+            diagonal=side.diagonal,
+            per_block_count=side.per_block_count,
+        )
         factor.check_state(factor_state, f"{saved.name}[{index}]")
 
 

@@ -37,7 +37,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from lightning_kfac.kfac.calls import ParameterView, RecognizedCall, tensors_in
-from lightning_kfac.kfac.kinds import COMPOSITES, RECOGNIZERS
+from lightning_kfac.kfac.kinds import COMPOSITES, RECOGNIZERS, recognize
 
 
 class ParameterIndex:
@@ -99,7 +99,32 @@ def _view_geometry(name: str, param: Tensor, view: Tensor) -> ParameterView:
     transposed = stride == pstride[::-1] and view.shape[0] == param.shape[1]
     if aligned and view.dim() == param.dim() == 2 and transposed:
         return ParameterView(name, _rows(start, view.shape[1], param.shape[0]), transposed=True)
+    if offset == 0 and _is_broadcast(param, view):
+        return ParameterView(name, broadcast=True)
+    if param.dim() == 3:  # stacked matrices (experts): one, or all with the last two swapped
+        if aligned and view.dim() == 2 and view.shape == param.shape[1:] and stride == pstride[1:]:
+            return ParameterView(name, (start, start + 1), selected=True)
+        swapped = (pstride[0], pstride[2], pstride[1])
+        shape = (param.shape[0], param.shape[2], param.shape[1])
+        if offset == 0 and view.dim() == 3 and stride == swapped and tuple(view.shape) == shape:
+            return ParameterView(name, transposed=True)
     return ParameterView(name, (-1, -1))
+
+
+def _is_broadcast(param: Tensor, view: Tensor) -> bool:
+    """``view`` is ``param.expand(...)``: ``param``'s dims (right-aligned) with stride 0 where it
+    is expanded, and new leading dims of stride 0."""
+    extra = view.dim() - param.dim()
+    if extra < 0 or not any(s == 0 for s in view.stride()):
+        return False
+    if any(view.stride()[i] != 0 for i in range(extra)):
+        return False
+    for size, stride, psize, pstride in zip(
+        view.shape[extra:], view.stride()[extra:], param.shape, param.stride(), strict=True
+    ):
+        if (stride, size) != (pstride, psize) and not (stride == 0 and psize == 1):
+            return False
+    return True
 
 
 def _rows(start: int, count: int, total: int) -> tuple[int, int] | None:
@@ -156,9 +181,10 @@ class UseTracer(TorchFunctionMode):
         self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         kwargs = kwargs or {}
-        recognize = RECOGNIZERS.get(func)
-        if recognize is not None:
-            return self.listener.on_call(recognize(func, list(args), kwargs), self.sites[-1])
+        if func in RECOGNIZERS:
+            call = recognize(func, list(args), kwargs)
+            if call is not None:
+                return self.listener.on_call(call, self.sites[-1])
         composite = COMPOSITES.get(func)
         if composite is not None:
             with self:

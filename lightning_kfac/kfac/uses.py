@@ -71,7 +71,7 @@ class UseSpec:
         """Plain data (str, int, bool, tuples) for checkpoints loadable with ``weights_only``."""
 
         def view(v: ParameterView | None) -> tuple[Any, ...] | None:
-            return None if v is None else (v.name, v.rows, v.transposed)
+            return None if v is None else (v.name, v.rows, v.transposed, v.selected, v.broadcast)
 
         return {
             "kind": str(self.kind),
@@ -87,8 +87,10 @@ class UseSpec:
         def view(v: Any) -> ParameterView | None:
             if v is None:
                 return None
-            name, rows, transposed = v
-            return ParameterView(name, None if rows is None else tuple(rows), bool(transposed))
+            name, rows, transposed, *flags = v  # states before 0.3: no ``selected``, ``broadcast``
+            rows = None if rows is None else tuple(rows)
+            selected, broadcast = (bool(f) for f in [*flags, False, False][:2])
+            return ParameterView(name, rows, bool(transposed), selected, broadcast)
 
         return cls(
             str(state["kind"]),

@@ -12,8 +12,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from lightning_kfac.kfac.calls import Recognizer
-from lightning_kfac.kfac.kinds import convolution, embedding, linear, normalization, recurrent
+from lightning_kfac.kfac.calls import RecognizedCall, Recognizer
+from lightning_kfac.kfac.kinds import (
+    convolution,
+    elementwise,
+    embedding,
+    experts,
+    linear,
+    normalization,
+    recurrent,
+)
 from lightning_kfac.kfac.kinds.base import Kind, KroneckerModel, UnitWiseModel, UseModel
 from lightning_kfac.kfac.uses import UseSpec
 
@@ -23,15 +31,30 @@ KINDS: tuple[Kind, ...] = (
     convolution.KIND,
     embedding.KIND,
     normalization.KIND,
+    elementwise.KIND,
     recurrent.KIND,
+    experts.KIND,
 )
 
 _BY_NAME: dict[str, Kind] = {kind.name: kind for kind in KINDS}
 
-#: Torch function -> recogniser of its calls, over all kinds.
-RECOGNIZERS: dict[Any, Recognizer] = {
-    function: recognize for kind in KINDS for function, recognize in kind.recognizers.items()
-}
+#: Torch function -> the recognisers of its calls: the first that does not decline a call gets it.
+#: A kind later in ``KINDS`` is asked first — later kinds specialise (the experts kind claims the
+#: ``F.linear`` calls on one matrix of a stacked weight; the linear kind gets the others).
+RECOGNIZERS: dict[Any, tuple[Recognizer, ...]] = {}
+for _kind in reversed(KINDS):
+    for _function, _recognize in _kind.recognizers.items():
+        RECOGNIZERS[_function] = (*RECOGNIZERS.get(_function, ()), _recognize)
+
+
+def recognize(function: Any, args: list[Any], kwargs: dict[str, Any]) -> RecognizedCall | None:
+    """The call bound by the first recogniser of ``function`` that takes it, or None."""
+    for recognizer in RECOGNIZERS.get(function, ()):
+        call = recognizer(function, args, kwargs)
+        if call is not None:
+            return call
+    return None
+
 
 #: Composite torch functions run with the tracing mode re-entered, over all kinds.
 COMPOSITES: dict[Any, Callable[..., Any]] = {
@@ -73,5 +96,6 @@ __all__ = [
     "UseModel",
     "kind_named",
     "make_model",
+    "recognize",
     "supported_uses_markdown",
 ]

@@ -72,11 +72,14 @@ def move_batch_first(tensor: Tensor, batch_dim: int) -> Tensor:
 
 
 class FactorSide(NamedTuple):
-    """Shape of one factor: ``blocks`` square blocks of side ``dim``, dense or diagonal."""
+    """Shape of one factor: ``blocks`` square blocks of side ``dim``, dense or diagonal;
+    ``per_block_count``: each block has its own normaliser (an expert's routed rows), so a block
+    that saw no rows keeps its running average while the others move."""
 
     dim: int
     blocks: int
     diagonal: bool
+    per_block_count: bool = False
 
 
 class SampleCall(NamedTuple):
@@ -110,6 +113,17 @@ class UseModel(abc.ABC):
 
     # -- what the kind accepts ----------------------------------------------------------------
     @classmethod
+    def use_of(
+        cls,
+        call: RecognizedCall,
+        site: str,
+        weight: ParameterView | None,
+        bias: ParameterView | None,
+    ) -> UseSpec:
+        """The use a call (with its resolved weight and bias views) belongs to."""
+        return UseSpec.of_call(call, site, weight, bias)
+
+    @classmethod
     def problem(
         cls, call: RecognizedCall, weight: ParameterView | None, bias: ParameterView | None
     ) -> str | None:
@@ -141,12 +155,15 @@ class UseModel(abc.ABC):
 
     # -- gradient matrix -----------------------------------------------------------------------
     def view_shape(self, part: ParameterView) -> tuple[int, ...]:
-        """Shape of the tensor the call received for ``part`` (row slice / transpose)."""
+        """Shape of the tensor the call received for ``part`` (row slice, selected matrix,
+        transpose of the last two dimensions)."""
         shape = list(self.shapes[part.name])
         if part.rows is not None:
             shape[0] = part.rows[1] - part.rows[0]
+        if part.selected:
+            shape = shape[1:]
         if part.transposed:
-            shape = shape[::-1]
+            shape[-2:] = shape[-1], shape[-2]
         return tuple(shape)
 
     @abc.abstractmethod
@@ -262,18 +279,35 @@ class KroneckerModel(UseModel):
         rows = self.g_rows(output_gradient, index)
         return linalg.factor_sum(rows, diagonal=self.g_diagonal, append_ones=False)
 
-    def a_statistic_of_calls(self, inputs: Sequence[Tensor], index: Tensor | None) -> Tensor:
+    def a_count(self, rows: int, routing: Any, device: torch.device) -> float | Tensor:
+        """``A``'s normaliser for a call of ``rows`` rows (per block, on ``device``, for a
+        per-block count)."""
+        return float(rows)
+
+    def a_statistic_of_calls(
+        self, inputs: Sequence[Tensor], index: Tensor | None, routes: Sequence[Any]
+    ) -> Tensor:
         """``Σ a aᵀ`` over the rows of several calls of the use (rows ``index`` of their
-        concatenation, in call order)."""
+        concatenation, in call order); ``routes``: each call's ``RecognizedCall.routing``."""
         if len(inputs) == 1:
             return self.a_statistic(inputs[0], index)
         rows = torch.cat([self.a_rows(x, None) for x in inputs], dim=1)
         rows = rows if index is None else rows[:, index]
         return linalg.factor_sum(rows, diagonal=self.a_diagonal, append_ones=self.has_bias)
 
-    def g_statistic_of_calls(self, gradients: Sequence[Tensor], index: Tensor | None) -> Tensor:
-        """``Σ g gᵀ`` over the rows of several calls' (scaled) output gradients."""
-        rows = torch.cat([self.g_rows(g, None) for g in gradients], dim=1)
+    def g_statistic_of_calls(
+        self,
+        gradients: Sequence[Tensor],
+        scales: Sequence[float | Tensor],
+        index: Tensor | None,
+        routes: Sequence[Any],
+    ) -> Tensor:
+        """``Σ g gᵀ`` with ``g = scale · gradient`` over the rows of several calls (one call: its
+        statistic, scaled by ``scale²``)."""
+        if len(gradients) == 1:
+            return self.g_statistic(gradients[0], index) * scales[0] ** 2
+        scaled = [g * scale for g, scale in zip(gradients, scales, strict=True)]
+        rows = torch.cat([self.g_rows(g, None) for g in scaled], dim=1)
         rows = rows if index is None else rows[:, index]
         return linalg.factor_sum(rows, diagonal=self.g_diagonal, append_ones=False)
 

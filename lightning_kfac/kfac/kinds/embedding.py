@@ -88,7 +88,9 @@ class EmbeddingModel(KroneckerModel):
             counts[padding_idx] = 0.0
         return counts.unsqueeze(0)
 
-    def a_statistic_of_calls(self, inputs: Sequence[Tensor], index: Tensor | None) -> Tensor:
+    def a_statistic_of_calls(
+        self, inputs: Sequence[Tensor], index: Tensor | None, routes: Sequence[Any]
+    ) -> Tensor:
         return self.a_statistic(torch.cat([ids.reshape(-1) for ids in inputs]), index)
 
     def g_rows(self, output_gradient: Tensor, index: Tensor | None) -> Tensor:

@@ -96,6 +96,9 @@ class LinearModel(KroneckerModel):
         projections); a bias must match the weight's outputs."""
         if weight is None:
             return "bias of a weight K-FAC does not train (frozen or skipped)"
+        for view in (weight, bias):
+            if view is not None and (view.selected or view.broadcast):
+                return "linear with a view of the parameter that is not a row slice"
         if bias is not None:
             assert call.weight is not None and call.bias is not None  # both resolved
             out_rows = call.weight.shape[-1 if call.transposed_form else 0]
