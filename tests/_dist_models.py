@@ -105,7 +105,9 @@ class RankResult(pl.Callback):
                     for name, block in pre.blocks.items()
                 },
                 seen={
-                    name: [bool(f.seen) if f.seen is not None else False for f in block.factors]
+                    name: [
+                        bool(f.seen.all()) if f.seen is not None else False for f in block.factors
+                    ]
                     for name, block in pre.blocks.items()
                 },
                 nonfinite_steps=None if pre.nonfinite_steps is None else int(pre.nonfinite_steps),
@@ -352,6 +354,32 @@ class RecurrentModel(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+    def train_dataloader(self) -> DataLoader:
+        gen = torch.Generator().manual_seed(3)
+        tokens = torch.randint(0, VOCAB, (64, LENGTH + 1), generator=gen)
+        data = TensorDataset(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
+        return DataLoader(data, batch_size=self.batch_size)
+
+
+class MoELanguageModel(pl.LightningModule):
+    """An HF mixture-of-experts LM from a small config (``"mixtral"``, ``"qwen2_moe"``), with
+    transformers' ``experts_implementation`` (``"eager"`` or ``"grouped_mm"``), float32."""
+
+    def __init__(self, name: str, implementation: str, batch_size: int = 8) -> None:
+        super().__init__()
+        from tests.hf_models import causal_lm
+
+        self.net = causal_lm(name, VOCAB, 8, implementation)
+        self.batch_size = batch_size
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        tokens, targets = batch
+        logits = self.net(tokens)
+        return F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
     def train_dataloader(self) -> DataLoader:
         gen = torch.Generator().manual_seed(3)

@@ -137,9 +137,10 @@ class SaveResult(pl.Callback):
                 "factors_seen": None
                 if pre is None
                 else {
-                    n: all(f.seen is not None and bool(f.seen) for f in block.factors)
+                    n: all(f.seen is not None and bool(f.seen.all()) for f in block.factors)
                     for n, block in pre.blocks.items()
                 },
+                "preconditioned_fraction": None if pre is None else pre.preconditioned_fraction,
                 "factors": None
                 if pre is None
                 else {n: tuple(f.value for f in block.factors) for n, block in pre.blocks.items()},

@@ -43,6 +43,7 @@ from lightning_kfac import (
 from tests._dist_models import (
     BranchClassifier,
     FinetuneClassifier,
+    MoELanguageModel,
     NaNBatchClassifier,
     RankResult,
     RecurrentModel,
@@ -209,6 +210,28 @@ def test_tied_embedding_replicas_stay_bitwise_identical(tmp_path: Path, mode: st
     assert_bitwise_replicas(results)
     uses = [name for name in results[0]["factors"] if name.startswith("embedding.weight")]
     assert len(uses) == 2, list(results[0]["factors"])  # the embedding and the head
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    ("name", "implementation"), [("mixtral", "grouped_mm"), ("qwen2_moe", "eager")]
+)
+def test_moe_models_are_covered_and_replicas_stay_bitwise_identical(
+    tmp_path: Path, name: str, implementation: str, mode: str
+) -> None:
+    """HF Mixtral and Qwen2-MoE from small configs, experts grouped or one at a time: every
+    trainable element preconditioned (experts, router, shared experts, RMSNorm scales), and 10
+    float32 steps bit-identical on both ranks."""
+    strategy = KFACDDPStrategy(
+        start_method="fork", distribution_mode=mode, inverse_update_interval=3, kl_clip=1e-2
+    )
+    module = MoELanguageModel(name, implementation)
+    results = fit_two_ranks(tmp_path, name, module, strategy=strategy, max_steps=10)
+    assert_kfac_ran(results, 10, mode)
+    assert_bitwise_replicas(results)
+    assert results[0]["preconditioned_fraction"] == 1.0
+    experts = [n for n in results[0]["factors"] if ".experts." in n]
+    assert len(experts) == 4, list(results[0]["factors"])
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -183,3 +183,32 @@ def test_an_expert_routed_no_rows_keeps_its_input_factor() -> None:
     assert torch.equal(block.a.value[:2], before[:2])
     assert not torch.equal(block.a.value[2], before[2])
     assert bool(block.seen().all())
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_transformers_experts_implementations_give_the_same_kfac_step(name: str) -> None:
+    """HF MoE from a small config, ``experts_implementation="eager"`` (one ``F.linear`` per
+    expert) and ``"grouped_mm"`` (one grouped matmul with offsets): the same use, the same
+    per-expert factors and the same step (float32: the grouped matmul's own precision)."""
+    from tests.hf_models import causal_lm
+
+    steps = {}
+    for implementation in ("eager", "grouped_mm"):
+        model = causal_lm(name, 20, 8, implementation)
+        tokens = torch.randint(0, 20, (4, 6), generator=torch.Generator().manual_seed(0))
+        pre = KFACPreconditioner(model, kl_clip=None, damping=1e-2)
+        logits = model(tokens)
+        F.cross_entropy(logits.reshape(-1, 20), tokens.reshape(-1)).backward()
+        pre.step()
+        assert pre.preconditioned_fraction == 1.0
+        steps[implementation] = (
+            {n: p.grad.clone() for n, p in model.named_parameters()},
+            {n: [f.value for f in b.factors] for n, b in pre.blocks.items() if ".experts." in n},
+        )
+    (eager_grads, eager_factors), (grouped_grads, grouped_factors) = steps.values()
+    assert eager_factors.keys() == grouped_factors.keys() and len(eager_factors) == 4
+    for block, factors in eager_factors.items():
+        for mine, theirs in zip(factors, grouped_factors[block], strict=True):
+            assert_close(theirs, mine, rtol=1e-4, atol=1e-6)
+    for parameter, grad in eager_grads.items():
+        assert_close(grouped_grads[parameter], grad, rtol=1e-3, atol=1e-5)

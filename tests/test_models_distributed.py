@@ -5,6 +5,8 @@ Three models that exercise every kind of block (issue 8, item 7; issue 15):
 - a TransformerEncoder language model whose LM head is tied to its embedding (embedding use,
   linear use of the same matrix, MHA projections, LayerNorm unit-wise blocks);
 - a 2-layer ``nn.LSTM`` language model (the recurrent kind's unrolled gate projections);
+- HF Mixtral and Qwen2-MoE from small configs (the experts kind, ``experts_implementation="eager"``:
+  the CPU's grouped matmul has no float64; router, shared experts and RMSNorm scales too);
 - a CNN with BatchNorm. BatchNorm normalises with the statistics of the batch each rank holds,
   so 2 ranks × B compute a different function from 1 rank × 2B — unless the single rank
   normalises each half of its batch separately ("ghost" batch norm, the same module calling
@@ -28,6 +30,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_kfac import KFACDDPStrategy
+from tests.hf_models import BUILDERS, causal_lm
 from tests.lightning_support import SaveAfterEpoch, SaveResult, relative_difference, trainer_kwargs
 
 SAMPLES = 48
@@ -115,7 +118,10 @@ class Module(pl.LightningModule):
         torch.manual_seed(0)
         self.kind = kind
         nets = {"lm": TiedTransformerLM, "rnn": LSTMLanguageModel}
-        self.net = (nets[kind]() if kind in nets else BatchNormCNN(chunks)).double()
+        if kind in BUILDERS:  # a transformers MoE LM, experts one at a time (float64 on the CPU)
+            self.net = causal_lm(kind, VOCAB, DIM, "eager").double()
+        else:
+            self.net = (nets[kind]() if kind in nets else BatchNormCNN(chunks)).double()
         self.batch_size = batch_size
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -167,7 +173,7 @@ def fit(
 
 
 @pytest.mark.parametrize("mode", ["broadcast_decompositions", "broadcast_gradients"])
-@pytest.mark.parametrize("kind", ["lm", "cnn", "rnn"])
+@pytest.mark.parametrize("kind", ["lm", "cnn", "rnn", "mixtral", "qwen2_moe"])
 def test_two_ranks_equal_one_rank_with_double_batch(tmp_path: Path, kind: str, mode: str) -> None:
     two = fit(tmp_path, "two", kind, 2, mode)
     one = fit(tmp_path, "one", kind, 1, mode)
@@ -181,6 +187,10 @@ def test_two_ranks_equal_one_rank_with_double_batch(tmp_path: Path, kind: str, m
         } <= names
     elif kind == "cnn":
         assert {"net.norm1.weight", "net.norm2.weight", "net.conv1.weight"} <= names
+    elif kind in BUILDERS:
+        experts = {n for n in names if n.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+        assert len(experts) == 4, names  # two layers, up and down: one block per expert each
+        assert two["preconditioned_fraction"] == 1.0
     else:
         assert {f"net.lstm.weight_{p}_l{layer}" for p in ("ih", "hh") for layer in (0, 1)} <= names
     assert relative_difference(two["params"], one["params"]) <= 1e-9
@@ -192,7 +202,7 @@ def test_two_ranks_equal_one_rank_with_double_batch(tmp_path: Path, kind: str, m
 
 
 @pytest.mark.parametrize("mode", ["broadcast_decompositions", "broadcast_gradients"])
-@pytest.mark.parametrize("kind", ["lm", "rnn"])
+@pytest.mark.parametrize("kind", ["lm", "rnn", "mixtral"])
 def test_lm_resumes_exactly_between_inverse_updates(tmp_path: Path, kind: str, mode: str) -> None:
     """3 steps per epoch, decompositions every 4 steps: the checkpoint after epoch 1 (6 steps)
     holds factors updated at step 5, newer than their decompositions (step 4), and steps 6 and 7
