@@ -5,7 +5,6 @@
 for the unified ``lightning.pytorch`` package.
 """
 
-from lightning_kfac.callbacks import MixupCallback, SharpnessCallback
 from lightning_kfac.kfac import (
     ComputeMethod,
     DistributionMode,
@@ -16,6 +15,7 @@ from lightning_kfac.kfac import (
     KFACPreconditioner,
     NonFiniteGradients,
 )
+from lightning_kfac.mixup.callback import MixupCallback
 from lightning_kfac.pytorch_lightning import KFACDDPStrategy
 
 __version__ = "0.2.0"
@@ -31,6 +31,5 @@ __all__ = [
     "KFACPreconditioner",
     "MixupCallback",
     "NonFiniteGradients",
-    "SharpnessCallback",
     "__version__",
 ]

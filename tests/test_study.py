@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 from examples.data import FULL_BATCH, DigitsDataModule
-from examples.large_batch_study import COMPARISON, PRESETS, choose_lr, study_points
-from examples.study_console import LIGHTNING_LOGGERS, StudyProgress, quiet_training
-from examples.study_report import (
+from examples.large_batch_study.console import LIGHTNING_LOGGERS, StudyProgress, quiet_training
+from examples.large_batch_study.report import (
     README_BEGIN,
     README_END,
     compare,
@@ -23,6 +22,7 @@ from examples.study_report import (
     replace_between_markers,
     sweep_table,
 )
+from examples.large_batch_study.study import COMPARISON, PRESETS, choose_lr, study_points
 
 ROOT = Path(__file__).resolve().parents[1]
 
