@@ -3,7 +3,7 @@
     python examples/large_batch_study               # comparison + reduced batch sweep (≤ 10 min)
     python examples/large_batch_study --sweep full  # more batch sizes and seeds (its own budget)
     python examples/large_batch_study --quick       # the tests' run (≤ 2 min)
-    python examples/large_batch_study --write-docs  # then rewrite docs/study and the README
+    python examples/large_batch_study --write-docs  # then rewrite docs/study and docs/study.md
     python examples/large_batch_study --render-only --write-docs  # the same from runs/study
 
 (``python -m examples.large_batch_study`` from the repository root is the same.)
@@ -26,11 +26,11 @@ Reruns of the same command on the same machine give the same numbers to the last
 random draw is seeded (initialisation, data order on every rank, mixup), torch runs its
 deterministic algorithms, and every rank computes with one thread. Timings (the ``timing``
 section of ``study.json`` and keys ending in ``_s``) are the only numbers that change. Another
-CPU may give other numbers (see the README).
+CPU may give other numbers (see docs/study.md).
 
 Outputs in ``--out``: ``study.json`` (every number), ``table.md``, ``sweep.md``, ``section.md``
-(the README section), ``accuracy.png``, ``batch_sweep.png``, ``wandb/`` (one W&B run per training,
-grouped by method, tagged with batch, seed and stage).
+(the generated block of ``docs/study.md``), ``accuracy.png``, ``batch_sweep.png``, ``wandb/``
+(one W&B run per training, grouped by method, tagged with batch, seed and stage).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from examples.large_batch_study.report import (
     plot_accuracy,
     plot_batch_sweep,
     points_by_key,
-    readme_section,
+    study_block,
     summarise_point,
     sweep_table,
     write_docs,
@@ -120,7 +120,7 @@ TRAIN_IMAGES = 1347
 #: At most this many logged steps per run (W&B curves), whatever the batch size.
 MAX_LOGGED_STEPS = 200
 WANDB_PROJECT = "lightning-kfac-study"
-#: The command whose results the README shows (``--write-docs`` publishes only these).
+#: The command whose results docs/study.md shows (``--write-docs`` publishes only these).
 DOCUMENTED_COMMAND = "python examples/large_batch_study"
 
 
@@ -429,7 +429,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--write-docs",
         action="store_true",
-        help="copy the results to docs/study/ and rewrite the README's study section",
+        help="copy the results to docs/study/ and rewrite the generated block of docs/study.md",
     )
     parser.add_argument(
         "--render-only",
@@ -565,13 +565,13 @@ def command_args(args: argparse.Namespace) -> list[str]:
 
 
 def write_outputs(report: dict[str, Any], out: Path) -> list[Path]:
-    """``study.json``, the tables, the README section and both figures; returns their paths."""
+    """``study.json``, the tables, the docs block and both figures; returns their paths."""
     paths = [out / name for name in ("study.json", "table.md", "sweep.md", "section.md")]
     paths += [out / "accuracy.png", out / "batch_sweep.png"]
     paths[0].write_text(json.dumps(report, indent=1) + "\n")
     paths[1].write_text(comparison_table(report) + "\n")
     paths[2].write_text(sweep_table(report) + "\n")
-    paths[3].write_text(readme_section(report) + "\n")
+    paths[3].write_text(study_block(report) + "\n")
     plot_accuracy(report, paths[4])
     plot_batch_sweep(report, paths[5])
     return paths
