@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 
-from lightning_kfac.schedules import legw_lr_lambda
+from examples.schedules import legw_lr_lambda
 
 
 def make_network(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:

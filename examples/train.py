@@ -18,13 +18,13 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 if __package__ in (None, ""):  # `python examples/train.py`: make `examples` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -117,47 +117,25 @@ def make_logger(
     return logger
 
 
-#: Power iteration for the sharpness: at most this many Hessian-vector products, stopping when the
-#: estimate changes by less than the tolerance (relative).
-SHARPNESS_ITERATIONS = 30
-SHARPNESS_TOLERANCE = 1e-3
-
-
 class History(pl.Callback):
-    """Rank 0 writes the run's curve to JSON: test accuracy per validation, clean training loss,
-    time, and the sharpness (top Hessian eigenvalue) when the clean training loss first reaches
-    each value of ``sharpness_at_loss`` (so runs are compared at a matched training loss).
+    """Rank 0 writes the run's curve to JSON: test accuracy per validation, the clean training
+    loss, time.
 
-    ``sharpness`` in the JSON maps each reached loss level (``f"{level:g}"``) to
-    ``{"top_eigenvalue", "hessian_vector_products", "train_loss", "step"}``; levels crossed at
-    the same evaluation share one measurement. The loss is the clean (unmixed) loss of the whole
-    training set in eval mode; the Hessian is that of the first ``sharpness_samples`` training
-    samples' loss (power iteration from a fixed random vector, see ``SHARPNESS_ITERATIONS``).
+    The training loss is the clean (unmixed) loss of the whole training set in eval mode, taken at
+    each evaluation. Subclasses measure more there (``after_training_loss``) and add what they
+    measured to the JSON (``results``), as the large-batch study's sharpness does.
     """
 
-    def __init__(
-        self,
-        path: Path,
-        datamodule: Any = None,
-        sharpness_at_loss: float | Sequence[float] | None = None,
-        sharpness_samples: int = 256,
-    ) -> None:
+    def __init__(self, path: Path, datamodule: Any = None) -> None:
         self.path = path
         self.datamodule = datamodule
-        self.sharpness_samples = sharpness_samples
-        if sharpness_at_loss is None:
-            sharpness_at_loss = ()
-        elif isinstance(sharpness_at_loss, (int, float)):
-            sharpness_at_loss = (sharpness_at_loss,)
-        self.levels = tuple(sorted(sharpness_at_loss, reverse=True))
-        self.sharpness: dict[str, dict[str, float]] = {}
         self.curve: list[dict[str, float]] = []
         self.start = 0.0
         self.threads = 0
         self.train_loss = float("nan")
 
     def _measure_training_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Clean training loss of the training set; sharpness once it reaches a level."""
+        """Clean training loss of the training set, then ``after_training_loss``."""
         if trainer.global_rank != 0 or self.datamodule is None:
             return
         x, y = (t.to(pl_module.device) for t in self.datamodule.train_set.tensors)
@@ -166,46 +144,17 @@ class History(pl.Callback):
         with torch.no_grad():
             self.train_loss = float(torch.nn.functional.cross_entropy(pl_module(x), y))
         pl_module.train(was_training)
-        reached = [
-            f"{level:g}"
-            for level in self.levels
-            if self.train_loss <= level and f"{level:g}" not in self.sharpness
-        ]
-        if reached:
-            measured = self._sharpness(pl_module, x[: self.sharpness_samples], y)
-            for level in reached:
-                self.sharpness[level] = {
-                    **measured,
-                    "train_loss": self.train_loss,
-                    "step": trainer.global_step,
-                }
+        self.after_training_loss(trainer, pl_module, x, y)
 
-    def _sharpness(self, module: nn.Module, x: Tensor, y: Tensor) -> dict[str, float]:
-        """``λ_max`` of the Hessian of the mean cross-entropy on ``x`` (eval mode), by at most
-        ``SHARPNESS_ITERATIONS`` Hessian-vector products; also how many were needed."""
-        from lightning_kfac.sharpness import top_hessian_eigenvalue
+    def after_training_loss(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: Tensor, y: Tensor
+    ) -> None:
+        """Called on rank 0 after each evaluation's ``train_loss``, with the training set
+        (gradients enabled); nothing here."""
 
-        y = y[: len(x)]
-        products = 0
-
-        def loss() -> Tensor:
-            nonlocal products
-            products += 1
-            return torch.nn.functional.cross_entropy(module(x), y)
-
-        was_training = module.training
-        module.eval()
-        try:
-            value = top_hessian_eigenvalue(
-                loss,
-                module.parameters(),
-                iterations=SHARPNESS_ITERATIONS,
-                tolerance=SHARPNESS_TOLERANCE,
-                generator=torch.Generator().manual_seed(0),
-            )
-        finally:
-            module.train(was_training)
-        return {"top_eigenvalue": value, "hessian_vector_products": products}
+    def results(self) -> dict[str, Any]:
+        """What subclasses add to the run's JSON (after ``wall_time_s``); nothing here."""
+        return {}
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.start = time.perf_counter()
@@ -236,7 +185,7 @@ class History(pl.Callback):
             payload = {
                 "curve": self.curve,
                 "wall_time_s": elapsed,
-                "sharpness": self.sharpness,
+                **self.results(),
                 "threads_per_rank": self.threads,
                 "global_batch": (
                     self.datamodule.global_batch_size() if self.datamodule is not None else None
@@ -292,8 +241,7 @@ def fit_run(
     extra_callbacks: list[pl.Callback] | None = None,
     val_every_n_epochs: int = 1,
     validation: bool = False,
-    sharpness_at_loss: float | Sequence[float] | None = None,
-    sharpness_samples: int = 256,
+    history: Callable[[Path, Any], History] = History,
     deterministic: bool = True,
     threads_per_rank: int | None = None,
     log_every_n_steps: int = 1,
@@ -304,6 +252,8 @@ def fit_run(
     fixes the initialisation, the data order and mixup's draws. ``deterministic`` asks torch for
     deterministic algorithms (``Trainer(deterministic=True)``; the flag stays set in this process
     afterwards, as Lightning leaves it). ``threads_per_rank`` fixes each rank's intra-op threads.
+    ``history`` makes the callback that records the run from ``(history_path, datamodule)``
+    (``History`` or a subclass that measures more).
     """
     pl.seed_everything(seed, workers=True, verbose=False)
     datamodule = make_datamodule(data, batch_size, data_dir, validation=validation, seed=seed)
@@ -316,7 +266,7 @@ def fit_run(
         base_warmup_epochs=base_warmup_epochs,
     )
     callbacks: list[pl.Callback] = [
-        History(history_path, datamodule, sharpness_at_loss, sharpness_samples),
+        history(history_path, datamodule),
         *(extra_callbacks or []),
     ]
     if threads_per_rank is not None:

@@ -1,11 +1,19 @@
 """lightning-kfac: distributed K-FAC and mixup for PyTorch Lightning.
 
 ``import lightning_kfac`` registers the strategy names ``kfac_ddp``, ``kfac_ddp_spawn`` and
-``kfac_ddp_fork`` with ``pytorch_lightning``; ``import lightning_kfac.lightning`` does the same
-for the unified ``lightning.pytorch`` package.
+``kfac_ddp_fork`` with ``pytorch_lightning`` when it is installed; ``import
+lightning_kfac.lightning`` does the same for the unified ``lightning.pytorch`` package.
+
+The K-FAC core needs no Lightning: ``import lightning_kfac.kfac`` and ``from lightning_kfac import
+KFACPreconditioner`` work without it. The Lightning-facing names (``KFACDDPStrategy``,
+``MixupCallback``) are imported on first use (PEP 562); without ``pytorch_lightning`` using them
+raises an ``ImportError`` that says what to install.
 """
 
-from lightning_kfac.callbacks import MixupCallback, SharpnessCallback
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from lightning_kfac._requires import importable, lightning_requirement, package_dir
 from lightning_kfac.kfac import (
     ComputeMethod,
     DistributionMode,
@@ -16,7 +24,10 @@ from lightning_kfac.kfac import (
     KFACPreconditioner,
     NonFiniteGradients,
 )
-from lightning_kfac.pytorch_lightning import KFACDDPStrategy
+
+if TYPE_CHECKING:
+    from lightning_kfac.mixup.callback import MixupCallback
+    from lightning_kfac.pytorch_lightning import KFACDDPStrategy
 
 __version__ = "0.2.0"
 
@@ -31,6 +42,37 @@ __all__ = [
     "KFACPreconditioner",
     "MixupCallback",
     "NonFiniteGradients",
-    "SharpnessCallback",
     "__version__",
 ]
+
+#: Lightning-facing names: the module that defines each, and another way to get it (if any).
+_LIGHTNING_NAMES = {
+    "KFACDDPStrategy": (
+        "lightning_kfac.pytorch_lightning",
+        " (or, with the unified `lightning` package, "
+        "`from lightning_kfac.lightning import KFACDDPStrategy`)",
+    ),
+    "MixupCallback": ("lightning_kfac.mixup.callback", ""),
+}
+
+if importable("pytorch_lightning"):
+    # Defining the strategy registers kfac_ddp, kfac_ddp_spawn and kfac_ddp_fork in
+    # pytorch_lightning's StrategyRegistry, so that `Trainer(strategy="kfac_ddp")` works after
+    # `import lightning_kfac` — also in the processes Lightning's launchers start, which import
+    # this package again.
+    importlib.import_module("lightning_kfac.pytorch_lightning")
+
+
+def __getattr__(name: str) -> Any:
+    """The Lightning-facing names, imported on first use."""
+    if name not in _LIGHTNING_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, alternative = _LIGHTNING_NAMES[name]
+    with lightning_requirement(f"lightning_kfac.{name}", alternative):
+        value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return package_dir(globals(), __all__)

@@ -11,8 +11,7 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 
-from lightning_kfac import mixing
-from lightning_kfac.mixing import (
+from lightning_kfac.mixup import (
     MixedLabels,
     MixupLossError,
     UnmixedLabels,
@@ -20,6 +19,7 @@ from lightning_kfac.mixing import (
     mix_inputs,
     sample_beta,
     sample_gamma,
+    sampling,
 )
 from tests.helpers import assert_close
 
@@ -161,7 +161,7 @@ def test_invalid_alpha_raises_instead_of_hanging(alpha: float) -> None:
 
 def test_rejection_sampler_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     gen = torch.Generator().manual_seed(0)
-    monkeypatch.setattr(mixing, "MAX_REJECTION_ROUNDS", 0)
+    monkeypatch.setattr(sampling, "MAX_REJECTION_ROUNDS", 0)
     with pytest.raises(RuntimeError, match="still rejected after 0 rounds"):
         sample_gamma(2.0, 3, gen)
 

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_kfac import KFACDDPStrategy, MixupCallback
-from lightning_kfac.mixing import MixedLabels, MixupLossError
+from lightning_kfac.mixup import MixedLabels, MixupLossError
 from tests.helpers import assert_close
 from tests.lightning_support import trainer_kwargs
 

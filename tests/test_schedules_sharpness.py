@@ -1,4 +1,5 @@
-"""LEGW schedule against its formula; sharpness against a quadratic with a known Hessian."""
+"""The examples' LEGW schedule against its formula; the study's sharpness against a quadratic with a
+known Hessian."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_kfac.schedules import legw_lr_lambda, legw_peak_lr, legw_warmup_epochs
-from lightning_kfac.sharpness import model_sharpness, top_hessian_eigenvalue
+from examples.large_batch_study.sharpness import model_sharpness, top_hessian_eigenvalue
+from examples.schedules import legw_lr_lambda, legw_peak_lr, legw_warmup_epochs
 
 
 def test_legw_scaling_rules() -> None:
@@ -86,7 +87,7 @@ def test_sharpness_callback_logs_the_dense_value(tmp_path) -> None:
     import pytorch_lightning as pl
     from torch.utils.data import DataLoader, TensorDataset
 
-    from lightning_kfac import SharpnessCallback
+    from examples.large_batch_study.sharpness import SharpnessCallback
     from tests.lightning_support import trainer_kwargs
 
     x = torch.randn(32, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))

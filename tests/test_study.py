@@ -1,4 +1,4 @@
-"""The large-batch study's pieces without training: console, data, tuning, report, README."""
+"""The large-batch study's pieces without training: console, data, tuning, report, docs."""
 
 from __future__ import annotations
 
@@ -12,17 +12,20 @@ from pathlib import Path
 import pytest
 
 from examples.data import FULL_BATCH, DigitsDataModule
-from examples.large_batch_study import COMPARISON, PRESETS, choose_lr, study_points
-from examples.study_console import LIGHTNING_LOGGERS, StudyProgress, quiet_training
-from examples.study_report import (
-    README_BEGIN,
-    README_END,
+from examples.large_batch_study.console import LIGHTNING_LOGGERS, StudyProgress, quiet_training
+from examples.large_batch_study.report import (
+    BLOCK_BEGIN,
+    BLOCK_END,
+    DOC_FILES,
+    STUDY_PAGE,
     compare,
     comparison_table,
-    readme_section,
     replace_between_markers,
+    study_block,
     sweep_table,
+    write_docs,
 )
+from examples.large_batch_study.study import COMPARISON, PRESETS, choose_lr, study_points
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,25 +154,44 @@ def test_compare_needs_two_standard_errors() -> None:
     assert compare((math.nan, 0.0, 0), (0.9, 0.0, 3), expect_larger=True) == "not measured"
 
 
-# -- README and docs ------------------------------------------------------------------------------
+# -- docs ---------------------------------------------------------------------------------------
 def test_replace_between_markers() -> None:
-    text = f"intro\n{README_BEGIN}\nold\n{README_END}\noutro\n"
-    assert replace_between_markers(text, f"{README_BEGIN}\nnew\n{README_END}") == (
-        f"intro\n{README_BEGIN}\nnew\n{README_END}\noutro\n"
+    text = f"intro\n{BLOCK_BEGIN}\nold\n{BLOCK_END}\noutro\n"
+    assert replace_between_markers(text, f"{BLOCK_BEGIN}\nnew\n{BLOCK_END}") == (
+        f"intro\n{BLOCK_BEGIN}\nnew\n{BLOCK_END}\noutro\n"
     )
     with pytest.raises(ValueError, match="study:begin"):
         replace_between_markers("no markers", "x")
 
 
-def test_readme_and_docs_are_what_the_published_run_produced() -> None:
-    """No hand-edited numbers: the README's study section and docs/study/*.md are rendered from
-    docs/study/study.json exactly as ``--write-docs`` does."""
+def test_write_docs_rewrites_the_study_page_block_only(tmp_path: Path) -> None:
+    """``--write-docs`` copies the results to docs/study/ and rewrites the generated block of
+    docs/study.md, keeping the page's hand-written text; the README is not touched."""
     report = json.loads((ROOT / "docs" / "study" / "study.json").read_text())
-    readme = (ROOT / "README.md").read_text()
-    begin, end = readme.index(README_BEGIN), readme.index(README_END) + len(README_END)
-    assert readme[begin:end] == readme_section(report)
+    out, repo = tmp_path / "out", tmp_path / "repo"
+    out.mkdir()
+    for name in DOC_FILES:
+        (out / name).write_text(f"{name} of this run")
+    (repo / "docs").mkdir(parents=True)
+    (repo / STUDY_PAGE).write_text(f"# Study\n\n{BLOCK_BEGIN}\nold\n{BLOCK_END}\n\nReading.\n")
+    (repo / "README.md").write_text("readme")
+    written = write_docs(report, out, repo)
+    assert written == [*(repo / "docs" / "study" / name for name in DOC_FILES), repo / STUDY_PAGE]
+    assert (repo / STUDY_PAGE).read_text() == f"# Study\n\n{study_block(report)}\n\nReading.\n"
+    assert (repo / "README.md").read_text() == "readme"
+    for name in DOC_FILES:
+        assert (repo / "docs" / "study" / name).read_text() == f"{name} of this run"
+
+
+def test_docs_are_what_the_published_run_produced() -> None:
+    """No hand-edited numbers: docs/study.md's generated block and docs/study/*.md are rendered
+    from docs/study/study.json exactly as ``--write-docs`` does."""
+    report = json.loads((ROOT / "docs" / "study" / "study.json").read_text())
+    page = (ROOT / STUDY_PAGE).read_text()
+    begin, end = page.index(BLOCK_BEGIN), page.index(BLOCK_END) + len(BLOCK_END)
+    assert page[begin:end] == study_block(report)
     assert (ROOT / "docs/study/table.md").read_text() == comparison_table(report) + "\n"
     assert (ROOT / "docs/study/sweep.md").read_text() == sweep_table(report) + "\n"
-    assert report["command"] in readme[begin:end]
+    assert report["command"] in page[begin:end]
     for figure in ("accuracy.png", "batch_sweep.png"):
         assert (ROOT / "docs" / "study" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -96,7 +96,7 @@ def test_reruns_are_identical_and_wandb_runs_are_grouped(
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
-    from examples.large_batch_study import main
+    from examples.large_batch_study.study import main
 
     lightning_level = logging.getLogger("pytorch_lightning").level
     first = main([*TINY, "--out", str(tmp_path / "first")])
@@ -130,13 +130,13 @@ def test_reruns_are_identical_and_wandb_runs_are_grouped(
 
 @pytest.mark.slow
 def test_quick_study_as_a_user_runs_it(tmp_path: Path) -> None:
-    """``python examples/large_batch_study.py --quick``: ≤ 2 minutes, ≤ 60 lines on the console
+    """``python examples/large_batch_study --quick``: ≤ 2 minutes, ≤ 60 lines on the console
     (stdout and stderr), no Lightning banners, both figures, one W&B run per final run."""
     pytest.importorskip("wandb")
     env = {**os.environ, "WANDB_MODE": "offline"}
     env.pop("OMP_NUM_THREADS", None)  # as on a fresh machine
     result = subprocess.run(
-        [sys.executable, "examples/large_batch_study.py", "--quick", "--out", str(tmp_path)],
+        [sys.executable, "examples/large_batch_study", "--quick", "--out", str(tmp_path)],
         cwd=ROOT,
         env=env,
         capture_output=True,

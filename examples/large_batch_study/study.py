@@ -1,10 +1,12 @@
 """The main job: does K-FAC + mixup close the large-batch gap? A study on real data, on 2 CPU ranks.
 
-    python examples/large_batch_study.py               # comparison + reduced batch sweep (≤ 10 min)
-    python examples/large_batch_study.py --sweep full  # more batch sizes and seeds (its own budget)
-    python examples/large_batch_study.py --quick       # the tests' run (≤ 2 min)
-    python examples/large_batch_study.py --write-docs  # then rewrite docs/study and the README
-    python examples/large_batch_study.py --render-only --write-docs  # the same from runs/study
+    python examples/large_batch_study               # comparison + reduced batch sweep (≤ 10 min)
+    python examples/large_batch_study --sweep full  # more batch sizes and seeds (its own budget)
+    python examples/large_batch_study --quick       # the tests' run (≤ 2 min)
+    python examples/large_batch_study --write-docs  # then rewrite docs/study and docs/study.md
+    python examples/large_batch_study --render-only --write-docs  # the same from runs/study
+
+(``python -m examples.large_batch_study`` from the repository root is the same.)
 
 Methods, all with the same epoch budget on scikit-learn's digits (real 8x8 images, 1,347
 training / 450 test images):
@@ -24,11 +26,11 @@ Reruns of the same command on the same machine give the same numbers to the last
 random draw is seeded (initialisation, data order on every rank, mixup), torch runs its
 deterministic algorithms, and every rank computes with one thread. Timings (the ``timing``
 section of ``study.json`` and keys ending in ``_s``) are the only numbers that change. Another
-CPU may give other numbers (see the README).
+CPU may give other numbers (see docs/study.md).
 
 Outputs in ``--out``: ``study.json`` (every number), ``table.md``, ``sweep.md``, ``section.md``
-(the README section), ``accuracy.png``, ``batch_sweep.png``, ``wandb/`` (one W&B run per training,
-grouped by method, tagged with batch, seed and stage).
+(the generated block of ``docs/study.md``), ``accuracy.png``, ``batch_sweep.png``, ``wandb/``
+(one W&B run per training, grouped by method, tagged with batch, seed and stage).
 """
 
 from __future__ import annotations
@@ -37,32 +39,30 @@ import argparse
 import json
 import os
 import resource
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from examples.data import FULL_BATCH
-from examples.study_console import StudyProgress, format_duration, quiet_training
-from examples.study_report import (
+from examples.large_batch_study.console import StudyProgress, format_duration, quiet_training
+from examples.large_batch_study.report import (
     comparison_table,
     paper_checks,
     plot_accuracy,
     plot_batch_sweep,
     points_by_key,
-    readme_section,
+    study_block,
     summarise_point,
     sweep_table,
     write_docs,
 )
+from examples.large_batch_study.sharpness import SharpnessHistory
 from examples.train import fit_run, make_logger, wandb_offline
 from lightning_kfac import KFACOptions
 
@@ -120,8 +120,8 @@ TRAIN_IMAGES = 1347
 #: At most this many logged steps per run (W&B curves), whatever the batch size.
 MAX_LOGGED_STEPS = 200
 WANDB_PROJECT = "lightning-kfac-study"
-#: The command whose results the README shows (``--write-docs`` publishes only these).
-DOCUMENTED_COMMAND = "python examples/large_batch_study.py"
+#: The command whose results docs/study.md shows (``--write-docs`` publishes only these).
+DOCUMENTED_COMMAND = "python examples/large_batch_study"
 
 
 @dataclass(frozen=True)
@@ -277,8 +277,11 @@ def train(run: Run, ctx: StudyContext) -> dict[str, Any]:
         logger=make_run_logger(run, ctx),
         history_path=ctx.out / "runs" / f"{run.name}.json",
         validation=run.stage == "tune",
-        sharpness_at_loss=None if run.stage == "tune" else MATCHED_TRAIN_LOSSES,
-        sharpness_samples=SHARPNESS_SAMPLES,
+        history=partial(
+            SharpnessHistory,
+            levels=None if run.stage == "tune" else MATCHED_TRAIN_LOSSES,
+            samples=SHARPNESS_SAMPLES,
+        ),
         deterministic=True,
         threads_per_rank=THREADS_PER_RANK,
         log_every_n_steps=max(1, round(total_steps / MAX_LOGGED_STEPS)),
@@ -405,7 +408,7 @@ def cpu_seconds() -> float:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=DOCUMENTED_COMMAND, description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the tests' run (≤ 2 minutes)")
     parser.add_argument(
         "--sweep",
@@ -426,7 +429,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--write-docs",
         action="store_true",
-        help="copy the results to docs/study/ and rewrite the README's study section",
+        help="copy the results to docs/study/ and rewrite the generated block of docs/study.md",
     )
     parser.add_argument(
         "--render-only",
@@ -562,13 +565,13 @@ def command_args(args: argparse.Namespace) -> list[str]:
 
 
 def write_outputs(report: dict[str, Any], out: Path) -> list[Path]:
-    """``study.json``, the tables, the README section and both figures; returns their paths."""
+    """``study.json``, the tables, the docs block and both figures; returns their paths."""
     paths = [out / name for name in ("study.json", "table.md", "sweep.md", "section.md")]
     paths += [out / "accuracy.png", out / "batch_sweep.png"]
     paths[0].write_text(json.dumps(report, indent=1) + "\n")
     paths[1].write_text(comparison_table(report) + "\n")
     paths[2].write_text(sweep_table(report) + "\n")
-    paths[3].write_text(readme_section(report) + "\n")
+    paths[3].write_text(study_block(report) + "\n")
     plot_accuracy(report, paths[4])
     plot_batch_sweep(report, paths[5])
     return paths
@@ -647,10 +650,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     paths = write_outputs(report, out)
     print_summary(report, paths, args.logger, out)
     if args.write_docs:
-        written = write_docs(report, out, Path(__file__).resolve().parents[1])
+        written = write_docs(report, out, Path(__file__).resolve().parents[2])
         print(f"rewrote {', '.join(str(p) for p in written)}", flush=True)
     return report
-
-
-if __name__ == "__main__":
-    main()

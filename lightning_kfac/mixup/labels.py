@@ -1,49 +1,22 @@
-"""Mixup and CutMix in pure PyTorch: sampling, input mixing, and labels that mix their loss.
+"""Labels that mix their loss (pure torch): ``MixedLabels``, ``UnmixedLabels``, the exact mixed
+cross-entropy, and ``MixupLossError``.
 
-Mixup (Zhang et al. 2018) trains on ``x̃_i = λ_i x_i + (1 − λ_i) x_π(i)`` with the loss
-``λ_i CE(f(x̃_i), y_i) + (1 − λ_i) CE(f(x̃_i), y_π(i))``; CutMix (Yun et al. 2019) pastes a box of
-``x_π(i)`` into ``x_i`` and sets ``λ_i`` to the kept area. Naganuma & Yokota (CCGRID 2019) show the
-smoothing closes K-FAC's large-batch generalization gap.
+What these labels guarantee — which ops keep the mix, which raise, what is not caught — is the
+contract in :mod:`lightning_kfac.mixup`. This module is how it is kept:
 
-``MixedLabels`` lets an *unmodified* ``training_step`` compute that loss: it is an integer label
-tensor whose values are each element's dominant label (``y`` if ``λ ≥ 1/2`` else ``y_π``: valid
-integer labels for metrics and ``argmax`` comparisons) and which carries both label sets and ``λ``
-*per element* (a per-sample ``λ_i`` is broadcast over the sample's trailing label dimensions, e.g.
-the ``T`` tokens of a sequence). ``F.cross_entropy`` / ``nn.CrossEntropyLoss`` called with it
-return the exact mixed loss (with ``weight``, ``ignore_index``, ``label_smoothing`` and any
-reduction). Nothing drops the mix silently:
-
-- **The mix follows** value-preserving conversions (``.long()``, ``.to(device / integer dtype)``,
-  ``.cpu()``, ``.clone()``, ``.detach()``, ``.contiguous()``) and every op that only selects or
-  rearranges elements (``view``, ``reshape``, ``flatten``, ``squeeze``, ``unsqueeze``,
-  ``permute``, indexing and masking, ``flip``, ``cat``, ``stack``, ``split``, ...): the op is
-  applied to an index tensor, which says where each output element came from, and both label sets
-  and ``λ`` are gathered with it. So ``F.cross_entropy(logits.view(-1, V), labels.view(-1))`` (the
-  Hugging Face flattening) is exact. (A selection mask computed from ``y`` itself compares the
-  dominant labels; the selected elements keep their full mix.)
-- **Raises** ``MixupLossError`` naming the op: a cast to a float, complex or bool dtype (that
-  would turn labels into numbers); any loss other than cross-entropy; any op that combines the
-  labels with a tensor requiring grad (a hand-written loss such as
-  ``log_probs.gather(1, y[:, None])``); copying the labels into another tensor in place; a loss on
-  labels that were modified in place after mixing.
-- **Every other op** (arithmetic, ``F.one_hot``, ``torch.where``, ``unique``, ...) computes on the
-  dominant labels — metrics keep working — and returns ``UnmixedLabels``: a tensor that behaves
-  like a plain one but remembers the op that dropped the mix and raises ``MixupLossError`` naming
-  it if it reaches a loss or a tensor requiring grad. Counts (``bincount``, ``count_nonzero``,
-  ``histc``) are statistics, not labels, and return plain tensors, so metric states stay plain.
-- **Not caught**: comparisons return plain ``bool`` tensors (metrics need them), so a loss built
-  from a mask of the labels (``log_probs[y[:, None] == classes]``) trains on the dominant labels;
-  so does anything after leaving torch (``.tolist()``, ``.numpy()``, ``.item()``, Python
-  iteration) or after asking for the plain labels (``y.dominant()``,
-  ``y.as_subclass(torch.Tensor)``).
-
-Everything random takes an explicit ``torch.Generator``; no global RNG state is touched.
+- ``MixedLabels`` is an integer tensor of the dominant labels ``where(λ ≥ 1/2, y, y_π)`` carrying
+  ``y``, ``y_π`` (or a soft partner) and ``λ`` *per element*, so the components have the
+  tensor's shape and can follow it.
+- Its ``__torch_function__`` routes every op: ``F.cross_entropy`` to :func:`_mixed_cross_entropy`;
+  value-preserving conversions re-wrap the result with converted components; an op that only
+  selects or rearranges elements is applied to an index tensor as well, which says where each
+  output element came from, and both label sets and ``λ`` are gathered with it; every other op
+  computes on the dominant labels and returns ``UnmixedLabels`` remembering the op (counts and
+  comparisons return plain tensors).
 """
 
 from __future__ import annotations
 
-import math
-import numbers
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -60,190 +33,14 @@ SUPPORTED_FORMS = (
     "the mix), or float (soft / one-hot) targets in the batch, which are mixed directly"
 )
 
-#: Rounds of the Gamma rejection sampler before it gives up. For the shapes it is used with
-#: (``a ≥ 1``) each round accepts a draw with probability above 0.95, so a draw is still pending
-#: after 64 rounds with probability below ``0.05^64 ≈ 5e-84``: reaching the bound means a bug or
-#: an invalid shape, and the sampler raises instead of looping forever.
-MAX_REJECTION_ROUNDS = 64
-
 
 class MixupLossError(RuntimeError):
-    """Mixed labels reached a computation that cannot keep their mix (see the module docstring).
+    """Mixed labels reached a computation that cannot keep their mix (the contract in
+    :mod:`lightning_kfac.mixup` lists them).
 
     A ``RuntimeError``, not a ``TypeError``: torch turns a ``TypeError`` raised inside a binary
     operator (``log_probs * F.one_hot(y)``) into ``NotImplemented`` and loses the message.
     """
-
-
-# -- sampling ---------------------------------------------------------------------------------
-def real_as_float(value: Any) -> float | None:
-    """``value`` as a float (``inf`` for an int beyond float64), or ``None`` when it is not a real
-    number (a ``bool`` is not)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return None
-    try:
-        return float(value)
-    except OverflowError:
-        return math.inf
-
-
-def _check_shape(shape: float, name: str = "shape") -> float:
-    value = real_as_float(shape)
-    if value is None:
-        raise TypeError(f"{name} must be a real number, got {shape!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be finite and > 0, got {shape!r}")
-    return value
-
-
-def sample_log_gamma(shape: float, count: int, generator: torch.Generator) -> Tensor:
-    """``count`` draws of ``log X`` with ``X ~ Gamma(shape, 1)``, in float64 on the CPU.
-
-    Marsaglia & Tsang (2000): for ``a ≥ 1``, ``X = d v`` with ``d = a − 1/3``,
-    ``v = (1 + c z)³``, ``c = 1/√(9d)``, ``z ~ N(0, 1)``, accepted when
-    ``log u < z²/2 + d − d v + d log v``; at most ``MAX_REJECTION_ROUNDS`` rounds, then
-    ``RuntimeError``. For ``shape < 1``, ``Gamma(a) = Gamma(a + 1) · U^(1/a)``, so
-    ``log X = log Gamma(a + 1) + log(U) / a`` with ``U ∈ (0, 1]``: in log space this stays finite
-    where ``X`` itself underflows to 0 (at shape 0.01 about 6 draws in 10,000 are exactly 0 in
-    float64; at 1e-30 all are), except for subnormal shapes, where it may be ``−∞``.
-
-    Raises:
-        ValueError: ``shape`` is not finite and positive.
-    """
-    shape = _check_shape(shape)
-    boost = shape < 1.0
-    a = shape + 1.0 if boost else shape
-    d = a - 1.0 / 3.0
-    c = 1.0 / math.sqrt(9.0 * d)
-    out = torch.empty(count, dtype=torch.float64)
-    pending = torch.arange(count)
-    for _ in range(MAX_REJECTION_ROUNDS):
-        if not pending.numel():
-            break
-        n = pending.numel()
-        z = torch.randn(n, generator=generator, dtype=torch.float64)
-        u = torch.rand(n, generator=generator, dtype=torch.float64)
-        v = (1.0 + c * z) ** 3
-        log_v = torch.log(v.clamp_min(1e-300))
-        accept = (v > 0) & (torch.log(u) < 0.5 * z**2 + d - d * v + d * log_v)
-        out[pending[accept]] = (math.log(d) + log_v)[accept]
-        pending = pending[~accept]
-    if pending.numel():
-        raise RuntimeError(
-            f"Gamma({shape}) rejection sampler: {pending.numel()} of {count} draws still rejected "
-            f"after {MAX_REJECTION_ROUNDS} rounds (each accepts with probability > 0.95)"
-        )
-    if boost:
-        u = 1.0 - torch.rand(count, generator=generator, dtype=torch.float64)  # (0, 1]
-        out = out + torch.log(u) / shape
-    return out
-
-
-def sample_gamma(shape: float, count: int, generator: torch.Generator) -> Tensor:
-    """``count`` draws of Gamma(shape, 1) from ``generator`` (Marsaglia & Tsang 2000).
-
-    ``exp`` of :func:`sample_log_gamma`; draws below the smallest float64 are 0.
-    """
-    return sample_log_gamma(shape, count, generator).exp()
-
-
-def sample_beta(alpha: float, count: int, generator: torch.Generator) -> Tensor:
-    """``count`` draws of Beta(α, α) as ``X / (X + Y)`` with ``X, Y ~ Gamma(α)`` (float64, CPU).
-
-    Computed as ``sigmoid(log X − log Y)``, which never divides ``0 / 0``: for tiny ``α`` both
-    Gamma draws underflow in linear space, but their log difference is ``±O(1/α)`` and the
-    sigmoid gives exactly 0 or 1 — Beta(α, α) tends to a fair coin on ``{0, 1}`` as ``α → 0``.
-    Where the log difference is undefined (both log draws ``−∞``, possible only for subnormal
-    ``α``), that limit is used: a fair coin from ``generator``. Huge ``α`` gives ``λ ≈ 1/2``
-    (``Var = 1 / (4 (2α + 1))``). The result is in ``[0, 1]`` and never NaN.
-
-    Raises:
-        ValueError: ``alpha`` is not finite and positive (``MixupCallback`` uses ``alpha=0`` to
-            switch mixup off and never samples it).
-    """
-    _check_shape(alpha, "alpha")
-    difference = sample_log_gamma(alpha, count, generator) - sample_log_gamma(
-        alpha, count, generator
-    )
-    undefined = torch.isnan(difference)
-    if bool(undefined.any()):
-        coin = torch.rand(int(undefined.sum()), generator=generator, dtype=torch.float64) < 0.5
-        difference[undefined] = torch.where(coin, math.inf, -math.inf).to(difference)
-    return torch.sigmoid(difference)
-
-
-# -- inputs -----------------------------------------------------------------------------------
-def mix_inputs(inputs: Tensor, partner: Tensor, lam: Tensor) -> Tensor:
-    """``λ_i x_i + (1 − λ_i) x'_i`` with ``lam`` of shape ``[N]`` (``x' = x[π]`` for mixup).
-
-    Raises:
-        TypeError: ``inputs`` are integers or bools (token ids, raw ``uint8`` images): the
-            weighted sum would be truncated to one of the two samples.
-    """
-    if not (inputs.is_floating_point() or inputs.is_complex()):
-        raise TypeError(
-            f"mixup mixes float inputs, got {inputs.dtype}: λ x + (1 − λ) x' would be truncated "
-            "to one of the two samples. Mix embeddings inside the model instead, or convert the "
-            "inputs to float first"
-        )
-    weights = lam.to(device=inputs.device, dtype=inputs.dtype).view(-1, *([1] * (inputs.dim() - 1)))
-    return weights * inputs + (1 - weights) * partner
-
-
-def cutmix_boxes(
-    lam: Tensor, height: int, width: int, generator: torch.Generator
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Boxes ``[top, bottom) x [left, right)`` of area ≈ ``(1 − λ) H W``, centred uniformly and
-    clipped to the image (Yun et al. 2019). Returns int64 tensors of shape ``[N]``."""
-    ratio = torch.sqrt(1.0 - lam)
-    box_h = (height * ratio).floor()
-    box_w = (width * ratio).floor()
-    centre_y = torch.randint(0, height, (lam.numel(),), generator=generator).double()
-    centre_x = torch.randint(0, width, (lam.numel(),), generator=generator).double()
-    top = (centre_y - box_h / 2).floor().clamp(0, height).long()
-    bottom = (centre_y + box_h / 2).floor().clamp(0, height).long()
-    left = (centre_x - box_w / 2).floor().clamp(0, width).long()
-    right = (centre_x + box_w / 2).floor().clamp(0, width).long()
-    return top, bottom, left, right
-
-
-def cutmix_mask(lam: Tensor, height: int, width: int, generator: torch.Generator) -> Tensor:
-    """Boolean ``[N, H, W]`` mask of the pasted boxes of :func:`cutmix_boxes` (True = partner)."""
-    top, bottom, left, right = cutmix_boxes(lam, height, width, generator)
-    rows = torch.arange(height).view(1, -1, 1)
-    cols = torch.arange(width).view(1, 1, -1)
-    return (
-        (rows >= top.view(-1, 1, 1))
-        & (rows < bottom.view(-1, 1, 1))
-        & (cols >= left.view(-1, 1, 1))
-        & (cols < right.view(-1, 1, 1))
-    )
-
-
-def cutmix_inputs(
-    inputs: Tensor, partner: Tensor, lam: Tensor, generator: torch.Generator
-) -> tuple[Tensor, Tensor]:
-    """Paste a box of ``x'_i`` into ``x_i`` (inputs ``[N, C, H, W]``, ``x' = x[π]`` for CutMix);
-    return the mixed inputs and the *exact* ``λ_i = 1 − box area / (H W)`` after clipping.
-
-    Pixels are copied, not combined, so integer images (``uint8``) are fine here."""
-    mixed, exact_lam, _ = cutmix_inputs_and_mask(inputs, partner, lam, generator)
-    return mixed, exact_lam
-
-
-def cutmix_inputs_and_mask(
-    inputs: Tensor, partner: Tensor, lam: Tensor, generator: torch.Generator
-) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`cutmix_inputs` that also returns the boolean ``[N, H, W]`` box mask (True where
-    the pixel comes from the partner): the per-pixel ``λ = 1 − mask`` of dense targets."""
-    if inputs.dim() != 4:
-        raise ValueError(
-            f"CutMix needs image batches [N, C, H, W], got shape {tuple(inputs.shape)}"
-        )
-    inside = cutmix_mask(lam, *inputs.shape[-2:], generator)
-    mixed = torch.where(inside.unsqueeze(1).to(inputs.device), partner, inputs)
-    exact_lam = 1.0 - inside.flatten(1).double().mean(1)
-    return mixed, exact_lam, inside
 
 
 # -- targets ----------------------------------------------------------------------------------
@@ -286,7 +83,7 @@ class _BatchMix:
 
 
 class MixedLabels(Tensor):
-    """Integer labels carrying their mixup partner; see the module docstring.
+    """Integer labels carrying their mixup partner (contract: :mod:`lightning_kfac.mixup`).
 
     The tensor's own values are the dominant labels ``where(λ ≥ 1/2, y, y_π)``. The attributes
     have the tensor's shape (element-wise), so they follow every op that keeps the mix.
@@ -434,7 +231,7 @@ class MixedLabels(Tensor):
 
 
 class UnmixedLabels(Tensor):
-    """Values computed from ``MixedLabels`` by an op the mix cannot follow (module docstring).
+    """Values computed from ``MixedLabels`` by an op the mix cannot follow.
 
     Behaves like the plain tensor it holds (the op applied to the dominant labels), except that
     using it in a loss, or with a tensor that requires grad, raises ``MixupLossError`` naming

@@ -1,35 +1,11 @@
-"""MixupCallback: mixup / CutMix loss smoothing for an unmodified LightningModule.
+"""``MixupCallback``: mixup / CutMix for an unmodified LightningModule.
 
-The callback wraps ``pl_module.training_step`` (on the instance; the class is untouched) so that
-each training batch reaches it already mixed:
-
-- the inputs become ``x̃ = λ x + (1 − λ) x_π`` (or a CutMix paste of ``x_π``);
-- integer labels become ``MixedLabels``, so ``F.cross_entropy(self(x), y)`` (or
-  ``nn.CrossEntropyLoss``) returns the exact mixup loss, also after ``y.view(-1)``, ``y.long()``,
-  ``y.to(device)`` and other ops that keep the mix, while metrics and ``argmax`` comparisons
-  receive each sample's dominant label (see ``lightning_kfac.mixing``); other losses, and ops
-  that would drop the mix on the way to a loss, raise ``MixupLossError``;
-- float targets (soft or one-hot) are mixed directly.
-
-Dense labels (``[N, T]`` tokens of float feature sequences, ``[N, H, W]`` segmentation maps) get
-each sample's λ for all their elements under mixup; under CutMix each pixel takes the label of
-the image it came from (``λ`` = 1 outside the box, 0 inside).
-
-Nothing is silent: every numeric option is checked in the constructor, and integer / bool inputs
-(token ids) are refused at the first batch when mixup is on, since ``λ x + (1 − λ) x_π`` would be
-truncated to one of the two samples while the loss keeps both labels.
-
-Batches may be lists or tuples (``input_index`` / ``target_index``, default 0 / 1; namedtuples
-and custom ``collate_fn`` tuples included) or mappings (``input_key`` / ``target_key``). Validation,
-test and predict never see mixed data: only ``training_step`` is wrapped.
-
-With ``KFACDDPStrategy``, K-FAC's factors come from the mixed inputs (``A``) and the gradients of
-the mixed loss (``G``), as in Osawa et al.'s ImageNet code: the curvature of the loss actually
-minimised.
-
-Randomness: one ``torch.Generator`` per rank, seeded from ``seed`` (default: Lightning's global
-seed, else 0) and the global rank, so ranks draw different λ and permutations; its state is in
-``state_dict``, so a resumed run draws the same sequence.
+What it does to each training batch, what it validates and what it guarantees is the contract in
+:mod:`lightning_kfac.mixup`. Mechanism: ``setup`` wraps ``pl_module.training_step`` on the
+instance (the class is untouched) so that each training batch reaches it mixed; ``teardown``
+removes the wrapper. The draws come from :mod:`~lightning_kfac.mixup.sampling`, the mixed inputs
+from :mod:`~lightning_kfac.mixup.inputs`, the labels from :mod:`~lightning_kfac.mixup.labels`.
+This is the only module of the package that needs ``pytorch_lightning``.
 """
 
 from __future__ import annotations
@@ -44,15 +20,9 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from lightning_kfac.mixing import (
-    SUPPORTED_FORMS,
-    MixedLabels,
-    cutmix_inputs_and_mask,
-    mix_inputs,
-    mix_soft_targets,
-    real_as_float,
-    sample_beta,
-)
+from lightning_kfac.mixup.inputs import cutmix_inputs_and_mask, mix_inputs
+from lightning_kfac.mixup.labels import SUPPORTED_FORMS, MixedLabels, mix_soft_targets
+from lightning_kfac.mixup.sampling import real_as_float, sample_lambdas, sample_permutation
 
 
 def _real(name: str, value: Any, *, fix: str) -> float:
@@ -116,7 +86,7 @@ class MixupCallback(pl.Callback):
     Args:
         alpha: λ ~ Beta(α, α) for mixup; finite and ≥ 0, 0 disables mixup (CutMix only). Tiny α
             gives λ ∈ {0, 1} (a fair coin: the α → 0 limit), huge α gives λ ≈ 1/2; see
-            ``lightning_kfac.mixing.sample_beta``. Mixup needs float inputs.
+            ``lightning_kfac.mixup.sampling.sample_beta``. Mixup needs float inputs.
         per_sample: Draw one λ per sample instead of one per batch.
         cutmix_alpha: λ ~ Beta(α, α) for CutMix; finite and ≥ 0, 0 (default) disables CutMix.
             CutMix needs ``[N, C, H, W]`` images (integer images are fine).
@@ -336,12 +306,8 @@ class MixupCallback(pl.Callback):
         assert self.generator is not None
         count = inputs.shape[0]
         alpha = self.cutmix_alpha if use_cutmix else self.alpha
-        lam = (
-            sample_beta(alpha, count if self.per_sample else 1, self.generator)
-            .expand(count)
-            .clone()
-        )
-        permutation = torch.randperm(count, generator=self.generator)
+        lam = sample_lambdas(alpha, count, self.generator, per_sample=self.per_sample)
+        permutation = sample_permutation(count, self.generator)
         previous = self._previous if self.running else None
         if previous is not None and previous[0].shape != inputs.shape:
             previous = None

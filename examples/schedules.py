@@ -1,24 +1,28 @@
-"""Learning-rate schedules for large-batch training.
+"""The examples' learning-rate schedule for large-batch training: LEGW.
 
 LEGW (You et al. 2019, "Large-batch training for LSTM and beyond"): when the batch grows by
 ``k = batch_size / base_batch_size``, scale the peak learning rate by ``√k`` and the warmup
 *epochs* by ``k`` (so the number of warmup *iterations* stays the same), then decay.
+``examples.model.Classifier`` uses it, so ``train.py`` and the large-batch study scale their
+learning rates alike. (Formerly ``lightning_kfac.schedules``: an example's choice, not K-FAC.)
 """
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Callable
 
-from lightning_kfac.kfac.options import StrEnum
 
-
-class Decay(StrEnum):
+class Decay(str, enum.Enum):
     """Shape of the schedule after warmup."""
 
     COSINE = "cosine"
     POLYNOMIAL = "polynomial"
     CONSTANT = "constant"
+
+    def __str__(self) -> str:
+        return str(self.value)
 
 
 def legw_peak_lr(base_lr: float, base_batch_size: int, batch_size: int) -> float:
