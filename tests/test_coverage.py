@@ -71,9 +71,11 @@ class GPT2(nn.Module):
         self.ln_f = nn.LayerNorm(dim)
         self.lm_head = nn.Linear(dim, VOCAB, bias=False)
         self.lm_head.weight = self.wte.weight
+        self.batched_positions = True
 
     def forward(self, tokens: Tensor) -> Tensor:
-        x = self.wte(tokens) + self.wpe(torch.arange(tokens.shape[1]))
+        positions = torch.arange(tokens.shape[1]).unsqueeze(0)  # HF's default [1, T] ids
+        x = self.wte(tokens) + self.wpe(positions if self.batched_positions else positions[0])
         for block in self.h:
             x = block(x)
         return self.lm_head(self.ln_f(x))
@@ -131,6 +133,21 @@ def test_gpt2_with_conv1d_and_tied_head_is_fully_covered() -> None:
     assert pre.preconditioned_fraction == 1.0
     sites = {block.spec.site for block in pre.blocks.values()}
     assert {"h.0.c_attn", "h.1.mlp_proj", "lm_head", "wte", "wpe", "ln_f"} <= sites
+
+
+def test_position_lookup_without_a_samples_dimension_is_named() -> None:
+    """``wpe(arange(T))`` (indices ``[T]``): the lookup's gradient is summed over the samples
+    before K-FAC could see it, so it cannot be a per-sample Kronecker block: left to the
+    optimizer and named (``[1, T]`` indices, HF's default, are broadcast lookups and exact)."""
+    torch.manual_seed(0)
+    model = GPT2()
+    model.batched_positions = False
+    tokens = torch.randint(0, VOCAB, (3, 8))
+    pre = KFACPreconditioner(model, kl_clip=None)
+    F.cross_entropy(model(tokens).reshape(-1, VOCAB), tokens.reshape(-1)).backward()
+    with pytest.warns(KFACCoverageWarning, match=r"wpe.weight \(used by embedding lookup of"):
+        pre.step()
+    assert all(b.spec.first_part.name != "wpe.weight" for b in pre.blocks.values())
 
 
 def test_cnn_with_batch_and_group_norm_is_fully_covered() -> None:

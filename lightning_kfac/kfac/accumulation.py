@@ -131,6 +131,10 @@ class PendingCall:
     layer_input: Tensor | None = None
     rows: int = 0
     routing: Any = None
+    #: Expand rule: which rows are real positions (padding mask), or None (all rows).
+    row_mask: Tensor | None = None
+    #: Per-sample rule: zeroes the output gradient at padding positions, or None.
+    gradient_mask: Tensor | None = None
     #: Per-sample rule: what ``UseModel.begin_samples`` returned.
     begun: Any = None
 
@@ -203,25 +207,44 @@ class UseSums:
         #: A forward mixed calls over all samples with calls over sub-batches (per-sample sums
         #: then cannot be aligned; samples are taken side by side and the user is told once).
         self.mixed_sample_calls = False
+        #: K-FAC-reduce saw a padded batch: its per-sample sums include the padding positions
+        #: (the user is told once).
+        self.unmasked_reduce = False
 
-    def _batch_dim(self, tensor: Tensor, batch_size: int) -> int:
-        # A 2-D tensor is (rows, features): its samples lie along dim 0, possibly flattened with
-        # positions (see LinearModel._samples; hint 1: position-major).
+    def batch_dim_of(self, tensor: Tensor, batch_size: int) -> int:
+        """The dimension of a call's input that indexes the samples."""
+        # A 2-D float tensor is (rows, features): its samples lie along dim 0, possibly flattened
+        # with positions (see LinearModel._samples; hint 1: position-major). 2-D indices are
+        # (N, T) or (T, N).
         if self.batch_dim_hint is not None and tensor.dim() > self.batch_dim_hint:
             return self.batch_dim_hint
-        if tensor.dim() >= 3 and tensor.shape[0] != batch_size and tensor.shape[1] == batch_size:
+        laid_out = tensor.dim() >= 3 or (tensor.dim() == 2 and not tensor.is_floating_point())
+        if laid_out and tensor.shape[0] != batch_size and tensor.shape[1] == batch_size:
             return 1
         return 0
 
     # -- capture ---------------------------------------------------------------------------
     def begin_call(
-        self, layer_input: Tensor, forward_id: int, batch_size: int, call: RecognizedCall
+        self,
+        layer_input: Tensor,
+        forward_id: int,
+        batch_size: int,
+        call: RecognizedCall,
+        positions: Tensor | None = None,
     ) -> PendingCall:
-        """Forward half of a call: the input side (computed now, committed with the gradient)."""
+        """Forward half of a call: keep its input side until its output gradient arrives
+        (``positions``: the forward's ``[N, T]`` mask of real positions, or None)."""
         x = layer_input.detach()
-        pending = PendingCall(forward_id, batch_size, self._batch_dim(x, batch_size))
+        pending = PendingCall(forward_id, batch_size, self.batch_dim_of(x, batch_size))
         model = self.model
         if self.per_sample:
+            if positions is not None:
+                pending.gradient_mask = model.gradient_mask(x, pending.batch_dim, positions)
+                if (
+                    pending.gradient_mask is None
+                    and model.row_mask(x, pending.batch_dim, positions) is not None
+                ):
+                    self.unmasked_reduce = True  # reduce sums every position; said once
             pending.begun = model.begin_samples(x, call, pending.batch_dim, batch_size, self.dtype)
             samples = self._forward_samples.setdefault(forward_id, _ForwardSamples(batch_size))
             samples.open_calls += 1
@@ -230,6 +253,8 @@ class UseSums:
             pending.layer_input = x
             pending.rows = model.row_count(x)
             pending.routing = call.routing
+            if positions is not None:
+                pending.row_mask = model.row_mask(x, pending.batch_dim, positions)
         self.open_calls += 1
         return pending
 
@@ -241,6 +266,8 @@ class UseSums:
         gradient = output_gradient.detach().to(self.dtype)
         scale = pending.batch_size / loss_scale  # g = (N / s) ∂loss/∂s
         if self.per_sample:
+            if pending.gradient_mask is not None:
+                gradient = gradient * pending.gradient_mask.to(gradient.dtype)
             samples = self._forward_samples[pending.forward_id]
             samples.open_calls -= 1
             a_sums, positions, g_samples = self.model.end_samples(
@@ -270,17 +297,21 @@ class UseSums:
             inputs.append(x if x.dtype in (torch.int64, torch.int32) else x.to(self.dtype))
         device = inputs[0].device
         routes = [call.pending.routing for call in answered]
+        masks = [call.pending.row_mask for call in answered]
         index, weight = self.sampler.draw(sum(call.pending.rows for call in answered), device)
-        a_statistic = model.a_statistic_of_calls(inputs, index, routes).to(self.dtype)
+        a_statistic = model.a_statistic_of_calls(inputs, index, routes, masks).to(self.dtype)
         a_statistic = a_statistic if weight == 1.0 else a_statistic * weight
         a_count = sum(
-            model.a_count(call.pending.rows, call.pending.routing, device) for call in answered
+            model.a_count(call.pending.rows, call.pending.routing, device)
+            if call.pending.row_mask is None
+            else call.pending.row_mask.to(self.dtype).sum()
+            for call in answered
         )
         gradients = [call.gradient for call in answered]
         total = sum(model.g_row_count(g) for g in gradients)
         index, weight = self.sampler.draw(total, device)
         scales = [call.scale for call in answered]
-        g_statistic = model.g_statistic_of_calls(gradients, scales, index, routes)
+        g_statistic = model.g_statistic_of_calls(gradients, scales, index, routes, masks)
         g_statistic = g_statistic if weight == 1.0 else g_statistic * weight
         counts = 0.0
         for call in answered:

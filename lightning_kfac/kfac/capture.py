@@ -27,7 +27,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from lightning_kfac.kfac.accumulation import PendingCall, RowSampler, UseSums
 from lightning_kfac.kfac.calls import ParameterView, RecognizedCall, tensors_in
-from lightning_kfac.kfac.kinds import kind_named, make_model
+from lightning_kfac.kfac.kinds import SampleLayout, kind_named, make_model
 from lightning_kfac.kfac.options import KFACApproximation
 from lightning_kfac.kfac.parameters import TrackedParameters
 from lightning_kfac.kfac.tracing import ParameterIndex, UseListener, UseTracker
@@ -73,6 +73,33 @@ def batch_dim_hints(root: nn.Module) -> dict[str, int]:
     return hints
 
 
+def find_padding_mask(
+    option: str | Callable[[Any], Any] | None,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    batch_size: int,
+) -> Tensor | None:
+    """The ``[N, T]`` bool mask of real positions the ``padding_mask`` option names in a training
+    forward's arguments (None: no mask; ``ValueError`` for a mask of another shape)."""
+    if option is None:
+        return None
+    if callable(option):
+        mask = option(args[0] if args else kwargs)
+    else:
+        mask = kwargs.get(option)
+        if mask is None:
+            mask = next((a[option] for a in args if isinstance(a, Mapping) and option in a), None)
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor) or mask.dim() != 2 or mask.shape[0] != batch_size:
+        shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(
+            f"padding_mask={option!r} gave {shape}, not an [N, T] mask for this batch of "
+            f"{batch_size}; pass padding_mask=None, or a callable of the batch returning one"
+        )
+    return mask != 0
+
+
 @dataclasses.dataclass(frozen=True)
 class CaptureSettings:
     """What the capture needs of the options."""
@@ -82,6 +109,13 @@ class CaptureSettings:
     factor_max_rows: int | None
     max_factor_dim: int
     batch_dim: int = 0
+    padding_mask: str | Callable[[Any], Any] | None = None
+
+
+def _expand(tensor: Tensor, dim: int, size: int) -> Tensor:
+    shape = [-1] * tensor.dim()
+    shape[dim] = size
+    return tensor.expand(*shape)
 
 
 class UseCapture(UseListener):
@@ -116,6 +150,8 @@ class UseCapture(UseListener):
         self.capturing = True
         self.forward_id = 0
         self.batch_size = 1
+        #: The running forward's ``[N, T]`` mask of real (not padding) positions, or None.
+        self.positions: Tensor | None = None
         self.training_forwards = 0
         #: The sums of every known use: discovered ones, then the agreed structure's.
         self.uses: dict[UseSpec, UseSums] = {}
@@ -211,6 +247,9 @@ class UseCapture(UseListener):
         self.training_forwards += 1
         values = (*args, *kwargs.values())
         self.batch_size = first_tensor_batch_size(values, self.settings.batch_dim) or 1
+        self.positions = find_padding_mask(
+            self.settings.padding_mask, args, kwargs, self.batch_size
+        )
         return self.discovering or (self.root_is_site and self.wants(""))
 
     # -- calls (UseListener) ------------------------------------------------------------------
@@ -273,12 +312,33 @@ class UseCapture(UseListener):
             bias_arg = self._alias(
                 call.bias, sums, "bias", "bias" in aliased or (discovering and bias)
             )
+        layout = self._sample_layout(sums, call)
+        if isinstance(layout, str):
+            self.on_unsupported(spec.first_part, layout, site)
+            return call.run()
         output = call.run(weight_arg, bias_arg)
         if self.capturing and isinstance(output, Tensor) and output.requires_grad:
+            layer_input = call.input
+            if layout is SampleLayout.BROADCAST:
+                # The use's output is shared by the samples and broadcast against them later:
+                # expanded to the micro-batch here (the same values downstream), its gradient
+                # is per sample, and its input counts once per sample.
+                dim = sums.batch_dim_of(layer_input, self.batch_size)
+                output = _expand(output, dim, self.batch_size)
+                layer_input = _expand(layer_input, dim, self.batch_size)
             with torch.autocast(device_type=output.device.type, enabled=False):
-                pending = sums.begin_call(call.input, self.forward_id, self.batch_size, call)
+                pending = sums.begin_call(
+                    layer_input, self.forward_id, self.batch_size, call, self.positions
+                )
             output.register_hook(functools.partial(self._output_gradient, spec, sums, pending))
         return output
+
+    def _sample_layout(self, sums: UseSums, call: RecognizedCall) -> SampleLayout | str:
+        x = call.input
+        if not isinstance(x, Tensor):
+            return SampleLayout.SAMPLES
+        dim = sums.batch_dim_of(x, self.batch_size)
+        return sums.model.sample_layout(x, dim, self.batch_size)
 
     @staticmethod
     def _alias(tensor: Any, sums: UseSums, part: str, wanted: Any) -> Tensor | None:

@@ -97,6 +97,13 @@ class FaultReporter:
             counters.append(nonfinite_results)
             labels.append("nonfinite_results")
         for block in blocks:
+            if block.sums.unmasked_reduce:
+                self.warn_once(
+                    f"unmasked_reduce:{block.name}",
+                    f"K-FAC: {block.name} saw a padded batch under approximation='reduce', whose "
+                    "per-sample sums run over every position: the padding mask applies to the "
+                    "expand approximation only",
+                )
             if block.sums.mixed_sample_calls:
                 self.warn_once(
                     f"mixed_samples:{block.name}",

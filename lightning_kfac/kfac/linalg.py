@@ -21,20 +21,25 @@ import torch
 from torch import Tensor
 
 
-def covariance_sum(rows: Tensor, *, append_ones: bool) -> Tensor:
+def covariance_sum(rows: Tensor, *, append_ones: bool, mask: Tensor | None = None) -> Tensor:
     """Return ``Σ_m r_m r_m^T`` for ``rows`` of shape ``[B, M, d]``, shape ``[B, d', d']``.
 
     With ``append_ones`` every row is treated as ``[r_m; 1]`` (the bias column of ``a``) without
     materialising the concatenation: the extra row/column is the column sum ``Σ_m r_m`` and the
-    corner is ``M``. This avoids one full copy of the (often large) patch matrix.
+    corner is ``M``. This avoids one full copy of the (often large) patch matrix. ``mask``
+    (``[M]``, 0 or 1) keeps only the rows it marks (padding positions are not rows): the sums and
+    the corner run over them alone.
     """
+    if mask is not None:
+        rows = rows * mask.to(rows.dtype).reshape(1, -1, 1)
     gram = rows.mT @ rows
     if not append_ones:
         return gram
-    return with_ones_row(gram, rows.sum(dim=1), rows.shape[1])
+    count: int | Tensor = rows.shape[1] if mask is None else mask.to(rows.dtype).sum()
+    return with_ones_row(gram, rows.sum(dim=1), count)
 
 
-def with_ones_row(gram: Tensor, column_sum: Tensor, count: int) -> Tensor:
+def with_ones_row(gram: Tensor, column_sum: Tensor, count: int | Tensor) -> Tensor:
     """``[[gram, s], [sᵀ, count]]`` per block: the covariance sum of rows ``[r_m; 1]`` from that of
     the rows ``r_m`` (``gram`` ``[B, d, d]``), their sum ``s = Σ_m r_m`` (``[B, d]``) and their
     number."""
@@ -47,20 +52,25 @@ def with_ones_row(gram: Tensor, column_sum: Tensor, count: int) -> Tensor:
     return out
 
 
-def factor_sum(rows: Tensor, *, diagonal: bool, append_ones: bool) -> Tensor:
+def factor_sum(
+    rows: Tensor, *, diagonal: bool, append_ones: bool, mask: Tensor | None = None
+) -> Tensor:
     """``covariance_sum`` of ``rows``, or only its diagonal (``diagonal_sum``) for a factor side
-    kept diagonal."""
+    kept diagonal (``mask``: the rows to keep)."""
     if diagonal:
-        return diagonal_sum(rows, append_ones=append_ones)
-    return covariance_sum(rows, append_ones=append_ones)
+        return diagonal_sum(rows, append_ones=append_ones, mask=mask)
+    return covariance_sum(rows, append_ones=append_ones, mask=mask)
 
 
-def diagonal_sum(rows: Tensor, *, append_ones: bool) -> Tensor:
-    """The diagonal of ``covariance_sum(rows, append_ones)``: ``Σ_m r_m²``, shape ``[B, d']``."""
+def diagonal_sum(rows: Tensor, *, append_ones: bool, mask: Tensor | None = None) -> Tensor:
+    """The diagonal of ``covariance_sum(rows, append_ones, mask)``: ``Σ_m r_m²``, ``[B, d']``."""
+    if mask is not None:
+        rows = rows * mask.to(rows.dtype).reshape(1, -1, 1)
     squares = (rows * rows).sum(dim=1)
     if not append_ones:
         return squares
-    ones = torch.full_like(squares[:, :1], float(rows.shape[1]))
+    count = rows.shape[1] if mask is None else mask.to(rows.dtype).sum()
+    ones = torch.full_like(squares[:, :1], 1.0) * count
     return torch.cat([squares, ones], dim=1)
 
 

@@ -196,6 +196,14 @@ class KFACOptions:
             dimension of the first tensor among the model's forward arguments (in Lightning:
             of the batch). 1 for sequence-first batches ``(L, N, ...)``. ``G`` is built from
             per-sample gradients ``N · ∂loss/∂s``, so a wrong ``N`` rescales it.
+        padding_mask: Which positions of a padded batch are real (docs/design.md, "Padding"): a
+            key looked up in the training forward's keyword arguments and in a mapping among its
+            positional arguments (a dict / ``BatchEncoding`` batch) — default
+            ``"attention_mask"`` —, or a callable of the batch (the forward's first positional
+            argument, else its keyword arguments) returning an ``[N, T]`` mask (nonzero: real),
+            or None. Padded positions are not positions of the uses laid out over ``[N, T]``
+            (linear, embedding, normalisation and elementwise uses; convolutions keep KFC's
+            all-locations convention). Without a mask nothing changes.
         distribution_mode: ``"broadcast_decompositions"`` or ``"broadcast_gradients"``.
         factor_bucket_cap_mb: Size of the factor all-reduce buckets (MiB, > 0); not DDP's own
             ``bucket_cap_mb`` (gradient buckets), which ``KFACDDPStrategy`` passes to DDP.
@@ -216,6 +224,7 @@ class KFACOptions:
     max_factor_dim: int = 8192
     nonfinite_gradients: NonFiniteGradients | str = NonFiniteGradients.SKIP_STEP
     batch_dim: int = 0
+    padding_mask: str | Callable[[Any], Any] | None = "attention_mask"
     distribution_mode: DistributionMode | str = DistributionMode.BROADCAST_DECOMPOSITIONS
     factor_bucket_cap_mb: float = 25.0
 
@@ -235,6 +244,12 @@ class KFACOptions:
         _check_positive_int(self.max_factor_dim, "max_factor_dim")
         if isinstance(self.batch_dim, bool) or not isinstance(self.batch_dim, int):
             raise ValueError(f"batch_dim must be an integer, got {self.batch_dim!r}")
+        mask = self.padding_mask
+        if not (mask is None or callable(mask) or (isinstance(mask, str) and mask)):
+            raise ValueError(
+                f"padding_mask must be a key of the batch (e.g. 'attention_mask'), a callable of "
+                f"the batch returning an [N, T] mask, or None, got {mask!r}"
+            )
         bucket = _check_number(self.factor_bucket_cap_mb, "factor_bucket_cap_mb")
         if not (math.isfinite(bucket) and bucket > 0):
             raise ValueError(

@@ -188,6 +188,7 @@ class KFACPreconditioner:
                 opts.factor_max_rows,
                 opts.max_factor_dim,
                 opts.batch_dim,
+                opts.padding_mask,
             ),
             loss_scale=self._current_loss_scale,
             on_complete=self._use_complete,

@@ -22,7 +22,13 @@ from lightning_kfac.kfac.kinds import (
     normalization,
     recurrent,
 )
-from lightning_kfac.kfac.kinds.base import Kind, KroneckerModel, UnitWiseModel, UseModel
+from lightning_kfac.kfac.kinds.base import (
+    Kind,
+    KroneckerModel,
+    SampleLayout,
+    UnitWiseModel,
+    UseModel,
+)
 from lightning_kfac.kfac.uses import UseSpec
 
 #: Every kind of use K-FAC models, in the order of the supported-uses table.
@@ -92,6 +98,7 @@ __all__ = [
     "RECOGNIZERS",
     "Kind",
     "KroneckerModel",
+    "SampleLayout",
     "UnitWiseModel",
     "UseModel",
     "kind_named",

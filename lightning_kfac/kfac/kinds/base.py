@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import enum
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple
 
@@ -69,6 +70,15 @@ class Kind:
 
 def move_batch_first(tensor: Tensor, batch_dim: int) -> Tensor:
     return tensor if batch_dim == 0 else tensor.movedim(batch_dim, 0)
+
+
+class SampleLayout(enum.Enum):
+    """How a call's input relates to the micro-batch's samples."""
+
+    #: Its samples' dimension holds the batch (or it is rows the kind reads per sample).
+    SAMPLES = "samples"
+    #: Size 1 along the samples' dimension: shared by the samples and broadcast against them.
+    BROADCAST = "broadcast"
 
 
 class FactorSide(NamedTuple):
@@ -147,6 +157,24 @@ class UseModel(abc.ABC):
     def report_notes(self) -> list[str]:
         """Notes for the coverage table (e.g. a factor side kept diagonal)."""
         return []
+
+    def sample_layout(self, layer_input: Tensor, batch_dim: int, batch_size: int) -> Any:
+        """``SampleLayout`` of a call's input, or why its gradient cannot be per sample (a
+        ``str``: the use is then left to the optimizer and named). Default: per sample."""
+        return SampleLayout.SAMPLES
+
+    def row_mask(self, layer_input: Tensor, batch_dim: int, positions: Tensor) -> Tensor | None:
+        """Expand rule: which of the call's rows are real positions (``[rows]`` bool, in the
+        order of ``a_rows``) under the ``[N, T]`` padding mask ``positions``; None when the call
+        is not laid out over those positions (the default: every row counts)."""
+        return None
+
+    def gradient_mask(
+        self, layer_input: Tensor, batch_dim: int, positions: Tensor
+    ) -> Tensor | None:
+        """Per-sample rule: a mask broadcastable to the call's output gradient that zeroes the
+        padding positions (None: not laid out over the mask's positions)."""
+        return None
 
     def per_sample(self, approximation: KFACApproximation) -> bool:
         """Whether the capture forms per-sample sums first (``SampleCall``) rather than summing
@@ -285,15 +313,26 @@ class KroneckerModel(UseModel):
         return float(rows)
 
     def a_statistic_of_calls(
-        self, inputs: Sequence[Tensor], index: Tensor | None, routes: Sequence[Any]
+        self,
+        inputs: Sequence[Tensor],
+        index: Tensor | None,
+        routes: Sequence[Any],
+        masks: Sequence[Tensor | None] = (),
     ) -> Tensor:
         """``Σ a aᵀ`` over the rows of several calls of the use (rows ``index`` of their
-        concatenation, in call order); ``routes``: each call's ``RecognizedCall.routing``."""
-        if len(inputs) == 1:
+        concatenation, in call order); ``routes``: each call's ``RecognizedCall.routing``;
+        ``masks``: each call's real rows (``row_mask``; None: all)."""
+        if len(inputs) == 1 and not any(m is not None for m in masks):
             return self.a_statistic(inputs[0], index)
-        rows = torch.cat([self.a_rows(x, None) for x in inputs], dim=1)
+        parts = [self.a_rows(x, None) for x in inputs]
+        rows = torch.cat(parts, dim=1)
+        mask = joined_masks(masks, [p.shape[1] for p in parts])
         rows = rows if index is None else rows[:, index]
-        return linalg.factor_sum(rows, diagonal=self.a_diagonal, append_ones=self.has_bias)
+        if mask is not None and index is not None:
+            mask = mask[index]
+        return linalg.factor_sum(
+            rows, diagonal=self.a_diagonal, append_ones=self.has_bias, mask=mask
+        )
 
     def g_statistic_of_calls(
         self,
@@ -301,15 +340,20 @@ class KroneckerModel(UseModel):
         scales: Sequence[float | Tensor],
         index: Tensor | None,
         routes: Sequence[Any],
+        masks: Sequence[Tensor | None] = (),
     ) -> Tensor:
-        """``Σ g gᵀ`` with ``g = scale · gradient`` over the rows of several calls (one call: its
-        statistic, scaled by ``scale²``)."""
-        if len(gradients) == 1:
+        """``Σ g gᵀ`` with ``g = scale · gradient`` over the (real) rows of several calls (one
+        call without a mask: its statistic, scaled by ``scale²``)."""
+        if len(gradients) == 1 and not any(m is not None for m in masks):
             return self.g_statistic(gradients[0], index) * scales[0] ** 2
         scaled = [g * scale for g, scale in zip(gradients, scales, strict=True)]
-        rows = torch.cat([self.g_rows(g, None) for g in scaled], dim=1)
+        parts = [self.g_rows(g, None) for g in scaled]
+        rows = torch.cat(parts, dim=1)
+        mask = joined_masks(masks, [p.shape[1] for p in parts])
         rows = rows if index is None else rows[:, index]
-        return linalg.factor_sum(rows, diagonal=self.g_diagonal, append_ones=False)
+        if mask is not None and index is not None:
+            mask = mask[index]
+        return linalg.factor_sum(rows, diagonal=self.g_diagonal, append_ones=False, mask=mask)
 
     # -- reduce rule: per-sample sums over positions -------------------------------------------
     def a_sample_sums(
@@ -362,6 +406,18 @@ class KroneckerModel(UseModel):
         if not self.has_bias:
             return matrix, None
         return matrix[..., : self.in_features], matrix[..., self.in_features].reshape(-1)
+
+
+def joined_masks(masks: Sequence[Tensor | None], rows: Sequence[int]) -> Tensor | None:
+    """The calls' row masks end to end (a call without one keeps all its rows); None if none."""
+    if not any(m is not None for m in masks):
+        return None
+    parts = [
+        m.reshape(-1) if m is not None else torch.ones(count, dtype=torch.bool)
+        for m, count in zip(masks, rows, strict=True)
+    ]
+    device = next(m for m in masks if m is not None).device
+    return torch.cat([p.to(device) for p in parts])
 
 
 class UnitWiseModel(UseModel):

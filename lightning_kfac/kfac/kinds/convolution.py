@@ -101,13 +101,17 @@ class ConvModel(KroneckerModel):
         return super().a_statistic(layer_input, index)
 
     def a_statistic_of_calls(
-        self, inputs: Sequence[Tensor], index: Tensor | None, routes: Sequence[Any]
+        self,
+        inputs: Sequence[Tensor],
+        index: Tensor | None,
+        routes: Sequence[Any],
+        masks: Sequence[Tensor | None] = (),
     ) -> Tensor:
         """Calls on inputs of one shape are one call on their concatenation (the fast exact
         ``A`` applies to it); rows otherwise."""
         if len(inputs) > 1 and index is None and not self.a_diagonal:
             return _sum_by_shape([self._batched(x) for x in inputs], self.a_statistic)
-        return super().a_statistic_of_calls(inputs, index, routes)
+        return super().a_statistic_of_calls(inputs, index, routes, masks)
 
     def g_statistic_of_calls(
         self,
@@ -115,11 +119,12 @@ class ConvModel(KroneckerModel):
         scales: Sequence[float | Tensor],
         index: Tensor | None,
         routes: Sequence[Any],
+        masks: Sequence[Tensor | None] = (),
     ) -> Tensor:
         if len(gradients) > 1 and index is None and not self.g_diagonal:
             scaled = [self._batched(g * s) for g, s in zip(gradients, scales, strict=True)]
             return _sum_by_shape(scaled, self.g_statistic)
-        return super().g_statistic_of_calls(gradients, scales, index, routes)
+        return super().g_statistic_of_calls(gradients, scales, index, routes, masks)
 
     def g_rows(self, output_gradient: Tensor, index: Tensor | None) -> Tensor:
         grads = self._batched(output_gradient)

@@ -15,8 +15,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_kfac.kfac.calls import RecognizedCall, argument, slot
-from lightning_kfac.kfac.kinds.base import Kind, KroneckerModel, SupportedUse
-from lightning_kfac.kfac.kinds.linear import feature_rows
+from lightning_kfac.kfac.kinds.base import (
+    Kind,
+    KroneckerModel,
+    SampleLayout,
+    SupportedUse,
+    joined_masks,
+)
+from lightning_kfac.kfac.kinds.linear import feature_rows, positions_of_rows
 
 NAME = "embedding"
 
@@ -70,15 +76,41 @@ class EmbeddingModel(KroneckerModel):
     def row_count(self, layer_input: Tensor) -> int:
         return layer_input.numel()
 
+    def sample_layout(self, layer_input: Tensor, batch_dim: int, batch_size: int) -> Any:
+        """Indices ``[1, T]`` shared by the samples (HF's default ``position_ids``) are broadcast
+        lookups; indices without a samples' dimension (T5's ``[T, T]`` relative-position
+        buckets, ``arange(T)``) would give a gradient summed over the samples: not modelled."""
+        ids = layer_input
+        if ids.dim() >= 2:
+            size = ids.shape[batch_dim]
+            if size == batch_size:
+                return SampleLayout.SAMPLES
+            if size == 1:
+                return SampleLayout.BROADCAST
+        elif ids.numel() == batch_size or batch_size == 1:
+            return SampleLayout.SAMPLES
+        return (
+            f"embedding lookup of indices {tuple(ids.shape)} without a samples' dimension "
+            f"(batch of {batch_size}): its gradient is summed over the samples"
+        )
+
+    def row_mask(self, layer_input: Tensor, batch_dim: int, positions: Tensor) -> Tensor | None:
+        return positions_of_rows(layer_input, batch_dim, positions, features=False)
+
     def a_rows(self, layer_input: Tensor, index: Tensor | None) -> Tensor:  # pragma: no cover
         raise NotImplementedError("embedding inputs are counted, not materialised")
 
-    def a_statistic(self, layer_input: Tensor, index: Tensor | None) -> Tensor:
+    def a_statistic(
+        self, layer_input: Tensor, index: Tensor | None, mask: Tensor | None = None
+    ) -> Tensor:
         ids = layer_input.reshape(-1)
         if index is not None:
             ids = ids[index]
+            mask = None if mask is None else mask[index]
         # index_add_ has a fixed output size (bincount reads the maximum id back: a host sync).
         ones = torch.ones(ids.shape[0], dtype=torch.float64, device=ids.device)
+        if mask is not None:  # padding positions are not positions
+            ones = ones * mask.to(device=ids.device, dtype=torch.float64)
         counts = torch.zeros(self.in_features, dtype=torch.float64, device=ids.device)
         counts.index_add_(0, ids, ones)
         padding_idx = self.spec.detail[0] if self.spec.detail else None
@@ -89,9 +121,15 @@ class EmbeddingModel(KroneckerModel):
         return counts.unsqueeze(0)
 
     def a_statistic_of_calls(
-        self, inputs: Sequence[Tensor], index: Tensor | None, routes: Sequence[Any]
+        self,
+        inputs: Sequence[Tensor],
+        index: Tensor | None,
+        routes: Sequence[Any],
+        masks: Sequence[Tensor | None] = (),
     ) -> Tensor:
-        return self.a_statistic(torch.cat([ids.reshape(-1) for ids in inputs]), index)
+        ids = torch.cat([ids.reshape(-1) for ids in inputs])
+        mask = joined_masks(masks, [x.numel() for x in inputs])
+        return self.a_statistic(ids, index, mask)
 
     def g_rows(self, output_gradient: Tensor, index: Tensor | None) -> Tensor:
         return feature_rows(output_gradient, self.out_features, index)

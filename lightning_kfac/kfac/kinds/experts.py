@@ -228,7 +228,11 @@ class ExpertsModel(KroneckerModel):
         return counts
 
     def a_statistic_of_calls(
-        self, inputs: Sequence[Tensor], index: Tensor | None, routes: Sequence[Any]
+        self,
+        inputs: Sequence[Tensor],
+        index: Tensor | None,
+        routes: Sequence[Any],
+        masks: Sequence[Tensor | None] = (),
     ) -> Tensor:
         dim = self.in_features + int(self.has_bias)
         return self._per_expert(inputs, routes, index, self.has_bias, self.a_diagonal, dim)
@@ -239,6 +243,7 @@ class ExpertsModel(KroneckerModel):
         scales: Sequence[float | Tensor],
         index: Tensor | None,
         routes: Sequence[Any],
+        masks: Sequence[Tensor | None] = (),
     ) -> Tensor:
         scaled = [g * s for g, s in zip(gradients, scales, strict=True)]
         return self._per_expert(scaled, routes, index, False, self.g_diagonal, self.out_features)

@@ -26,7 +26,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_kfac.kfac.calls import ParameterView, RecognizedCall, argument, slot
-from lightning_kfac.kfac.kinds.base import Kind, KroneckerModel, SupportedUse, move_batch_first
+from lightning_kfac.kfac.kinds.base import (
+    Kind,
+    KroneckerModel,
+    SampleLayout,
+    SupportedUse,
+    move_batch_first,
+)
 
 NAME = "linear"
 
@@ -123,6 +129,16 @@ class LinearModel(KroneckerModel):
     def row_count(self, layer_input: Tensor) -> int:
         return layer_input.numel() // self.in_features
 
+    def sample_layout(self, layer_input: Tensor, batch_dim: int, batch_size: int) -> Any:
+        """Size 1 along the samples' dimension of a 3-D or higher input (e.g. position features
+        ``[1, T, d]``): shared by the samples, broadcast against them later."""
+        if layer_input.dim() >= 3 and batch_size > 1 and layer_input.shape[batch_dim] == 1:
+            return SampleLayout.BROADCAST
+        return SampleLayout.SAMPLES
+
+    def row_mask(self, layer_input: Tensor, batch_dim: int, positions: Tensor) -> Tensor | None:
+        return positions_of_rows(layer_input, batch_dim, positions, features=True)
+
     def a_rows(self, layer_input: Tensor, index: Tensor | None) -> Tensor:
         return feature_rows(layer_input, self.in_features, index)
 
@@ -168,6 +184,25 @@ class LinearModel(KroneckerModel):
         weight, bias = self._split_bias(matrix)
         weight = weight[0]
         return (weight.mT if self.spec.transposed_form else weight), bias
+
+
+def positions_of_rows(
+    tensor: Tensor, batch_dim: int, positions: Tensor, *, features: bool
+) -> Tensor | None:
+    """The ``[N, T]`` mask ``positions`` in the order of the rows of ``tensor`` — ``(N, T[, d])``
+    or ``(T, N[, d])`` by ``batch_dim``, or, with ``features``, ``(N·T, d)`` rows flattened
+    sample-major (``batch_dim`` 0) or position-major (1) — or None when ``tensor`` is not laid
+    out over those positions."""
+    samples, steps = positions.shape
+    laid = tensor.shape[:-1] if features else tensor.shape
+    if len(laid) == 2:
+        if batch_dim == 0 and tuple(laid) == (samples, steps):
+            return positions.reshape(-1)
+        if batch_dim == 1 and tuple(laid) == (steps, samples):
+            return positions.T.reshape(-1)
+    if features and len(laid) == 1 and laid[0] == samples * steps and samples * steps > 0:
+        return (positions if batch_dim == 0 else positions.T).reshape(-1)
+    return None
 
 
 def feature_rows(tensor: Tensor, features: int, index: Tensor | None) -> Tensor:

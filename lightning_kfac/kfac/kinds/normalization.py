@@ -30,6 +30,7 @@ from lightning_kfac.kfac.kinds.base import (
     UnitWiseModel,
     move_batch_first,
 )
+from lightning_kfac.kfac.kinds.linear import positions_of_rows
 
 NAME = "norm"
 
@@ -131,6 +132,19 @@ class NormModel(UnitWiseModel):
     def channel_first(self) -> bool:
         """BatchNorm and GroupNorm act on ``(N, C, *)``; LayerNorm/RMSNorm on the last dims."""
         return self.norm_type in ("batch", "group")
+
+    def gradient_mask(
+        self, layer_input: Tensor, batch_dim: int, positions: Tensor
+    ) -> Tensor | None:
+        """LayerNorm/RMSNorm over the features of ``(N, T, ...)``: padding positions add
+        nothing to the per-sample sums (channel-first norms are not laid out over positions)."""
+        if self.channel_first() or layer_input.dim() < 3:
+            return None
+        mask = positions_of_rows(layer_input[..., 0], batch_dim, positions, features=False)
+        if mask is None or layer_input.dim() != 3:
+            return None
+        shape = positions.shape if batch_dim == 0 else positions.T.shape
+        return mask.reshape(*shape, 1)
 
     def begin_samples(
         self,
