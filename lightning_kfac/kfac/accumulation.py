@@ -172,6 +172,7 @@ class UseSums:
         sampler: Row sampling of the expand rule.
         batch_dim: Dimension of the call's input that indexes samples, when known from the
             model's structure (``batch_first``); otherwise found by size at each call.
+        layout_dim: The batch's samples' dimension (``KFACOptions.batch_dim``), for indices.
     """
 
     def __init__(
@@ -182,6 +183,7 @@ class UseSums:
         approximation: KFACApproximation,
         sampler: RowSampler,
         batch_dim: int | None = None,
+        layout_dim: int = 0,
     ) -> None:
         self.model = model
         self.dtype = dtype
@@ -196,6 +198,8 @@ class UseSums:
         self.per_sample = model.per_sample(approximation)
         self.sampler = sampler
         self.batch_dim_hint = batch_dim
+        #: The batch's samples' dimension (``KFACOptions.batch_dim``): that of 2-D indices.
+        self.batch_dim = layout_dim
         #: Calls whose output gradient has not arrived yet.
         self.open_calls = 0
         self._counted_forwards: set[int] = set()
@@ -214,12 +218,14 @@ class UseSums:
     def batch_dim_of(self, tensor: Tensor, batch_size: int) -> int:
         """The dimension of a call's input that indexes the samples."""
         # A 2-D float tensor is (rows, features): its samples lie along dim 0, possibly flattened
-        # with positions (see LinearModel._samples; hint 1: position-major). 2-D indices are
-        # (N, T) or (T, N).
+        # with positions (see LinearModel._samples; hint 1: position-major). 2-D indices are laid
+        # out as the batch is (``batch_dim``): their sizes cannot tell ([1, T] position ids with
+        # T == N look like (T, N) ones).
         if self.batch_dim_hint is not None and tensor.dim() > self.batch_dim_hint:
             return self.batch_dim_hint
-        laid_out = tensor.dim() >= 3 or (tensor.dim() == 2 and not tensor.is_floating_point())
-        if laid_out and tensor.shape[0] != batch_size and tensor.shape[1] == batch_size:
+        if tensor.dim() == 2 and not tensor.is_floating_point():
+            return self.batch_dim
+        if tensor.dim() >= 3 and tensor.shape[0] != batch_size and tensor.shape[1] == batch_size:
             return 1
         return 0
 

@@ -211,6 +211,7 @@ class UseCapture(UseListener):
                 approximation=settings.approximation,
                 sampler=RowSampler(settings.factor_max_rows, spec.stable_seed()),
                 batch_dim=self.batch_dim_hints.get(spec.site),
+                layout_dim=settings.batch_dim,
             )
         return sums
 
