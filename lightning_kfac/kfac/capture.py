@@ -237,6 +237,9 @@ class UseCapture(UseListener):
     def wants(self, site: str) -> bool:
         return self.discovering or self.capturing or site in self.use_gradient_sites
 
+    def traces(self) -> bool:
+        return self.discovering or self.capturing or bool(self.use_gradient_sites)
+
     def on_forward_start(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         if not (self.root.training and torch.is_grad_enabled()):
             return False

@@ -166,6 +166,10 @@ class UseListener:
         """Whether the coming calls inside module ``site`` need tracing (after discovery)."""
         return False
 
+    def traces(self) -> bool:
+        """Whether the training forward that just started traces any site."""
+        return False
+
 
 class UseTracer(TorchFunctionMode):
     """The function mode: recognised calls go to the listener, other calls are checked for
@@ -223,6 +227,10 @@ class UseTracker:
       ``discovering``, runs entirely under the mode, with every submodule's name on the site stack.
     - Afterwards, only the ``sites`` (modules where supported uses were found) activate the mode,
       and only when the listener ``wants`` that site traced in this step.
+    - ``torch.compile``: a training forward that traces anything runs eagerly
+      (``torch.compiler.set_stance("force_eager")``: the mode and the capture are Python, which
+      compiled code must not contain), and the sites' hooks are on the modules only for such
+      forwards, so a forward that traces nothing runs the compiled graphs, hook-free, unchanged.
     """
 
     def __init__(self, root: nn.Module, listener: UseListener) -> None:
@@ -237,6 +245,8 @@ class UseTracker:
         self._site_handles: list[RemovableHandle] = []
         self.discovering = False
         self._root_frames: list[bool] = []
+        self._site_modules: list[tuple[str, nn.Module]] = []
+        self._eager: list[Any] = []  # the force_eager stance of the running traced forward
         self._root_handles.append(
             root.register_forward_pre_hook(self._root_pre, with_kwargs=True, prepend=True)
         )
@@ -256,18 +266,32 @@ class UseTracker:
             self.listener.index.clear_derived()
         self.site_stack.pop()
 
+    # The root's hooks never run inside a compiled graph (a compiled root module: they break the
+    # graph there and run eagerly), so that they can switch the forward to eager mode.
+    @torch.compiler.disable
     def _root_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         # Root calls nest (Lightning calls training_step through the module's __call__, and
         # training_step calls self(x)): only the outermost one starts a micro-batch, and a stack
         # pairs every pre hook with its post hook.
-        active = self.listener.on_forward_start(args, kwargs) if not self._root_frames else False
+        outermost = not self._root_frames
+        active = self.listener.on_forward_start(args, kwargs) if outermost else False
         self._root_frames.append(active)
+        if outermost:
+            traced = module.training and torch.is_grad_enabled() and self.listener.traces()
+            self._arm_sites(traced)
+            if traced:
+                stance = torch.compiler.set_stance("force_eager")
+                stance.__enter__()
+                self._eager.append(stance)
         if active:
             self._enter("")
 
+    @torch.compiler.disable
     def _root_post(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._root_frames and self._root_frames.pop():
             self._exit()
+        if not self._root_frames and self._eager:
+            self._eager.pop().__exit__(None, None, None)
 
     def _site_pre(self, module: nn.Module, args: Any) -> None:
         site = self.names.get(id(module), "?")
@@ -296,10 +320,24 @@ class UseTracker:
         modules = dict(self.root.named_modules())
         self._set_hooks([(name, modules[name]) for name in site_names if name and name in modules])
 
+    def _arm_sites(self, traced: bool) -> None:
+        """The sites' hooks on the modules for a forward that traces, off for one that does not."""
+        if traced and not self._site_handles:
+            self._install(self._site_modules)
+        elif not traced and self._site_handles:
+            self._remove_site_hooks()
+
     def _set_hooks(self, modules: Sequence[tuple[str, nn.Module]]) -> None:
+        self._site_modules = list(modules)
+        self._remove_site_hooks()
+        self._install(self._site_modules)
+
+    def _remove_site_hooks(self) -> None:
         for handle in self._site_handles:
             handle.remove()
         self._site_handles = []
+
+    def _install(self, modules: Sequence[tuple[str, nn.Module]]) -> None:
         for _, module in modules:
             self._site_handles.append(module.register_forward_pre_hook(self._site_pre))
             self._site_handles.append(
@@ -312,5 +350,7 @@ class UseTracker:
         self._root_handles, self._site_handles = [], []
         while self._depth:  # removed mid-forward (an exception): never leave the mode pushed
             self._exit()
+        while self._eager:
+            self._eager.pop().__exit__(None, None, None)
         self._root_frames.clear()
         self._site_frames.clear()
