@@ -115,14 +115,17 @@ def fit_rank_zero(tmp_path: Path, name: str, kind: str, devices: int, mode: str)
 
 
 @pytest.mark.parametrize("mode", ["broadcast_decompositions", "broadcast_gradients"])
-@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "t5"])
 def test_dynamically_padded_batches_two_ranks_equal_one_rank(
     tmp_path: Path, kind: str, mode: str
 ) -> None:
     two = fit_rank_zero(tmp_path, "two", kind, 2, mode)
     one = fit_rank_zero(tmp_path, "one", kind, 1, mode)
     assert two["kfac_steps"] == one["kfac_steps"] == 4
-    assert two["preconditioned_fraction"] == 1.0
+    # T5's relative-position buckets have no samples' dimension: named, left to the optimizer
+    assert two["preconditioned_fraction"] == (
+        1.0 if kind != "t5" else pytest.approx(0.9963, abs=1e-3)
+    )
     assert relative_difference(two["params"], one["params"]) <= 1e-9
     start = {n: p for n, p in HFModule(kind, 2).named_parameters() if n in one["params"]}
     assert relative_difference(one["params"], start) > 1e-3  # K-FAC moved the weights
@@ -144,3 +147,26 @@ def test_models_train_on_two_ranks_covered_with_bitwise_replicas(tmp_path: Path,
     for name, values in first["factors"].items():
         for mine, theirs in zip(values, second["factors"][name], strict=True):
             assert torch.equal(mine, theirs), name
+
+
+def test_bert_step_is_the_same_padded_to_16_and_to_32() -> None:
+    """The reported case: the same sequences padded to 16 and to 32 tokens give BERT the same
+    K-FAC step (it was 6.6 % apart when padded rows counted)."""
+    from lightning_kfac import KFACPreconditioner
+
+    grads = []
+    for length in (16, 32):
+        module = HFModule("bert", 4)
+        batch = pad_batch(sequences()[:8], "bert")
+        extra = length - batch["input_ids"].shape[1]
+        batch = {
+            k: torch.nn.functional.pad(v, (0, extra)) if v.dim() == 2 else v
+            for k, v in batch.items()
+        }
+        pre = KFACPreconditioner(module.model, kl_clip=None, damping=1e-2)
+        module.model(**batch).loss.backward()
+        pre.step()
+        grads.append({n: p.grad.clone() for n, p in module.model.named_parameters()})
+    for name, grad in grads[0].items():
+        scale = float(grad.abs().max())
+        assert float((grad - grads[1][name]).abs().max()) <= 1e-12 * max(scale, 1.0), name
