@@ -22,7 +22,7 @@ from torch import Tensor
 
 from lightning_kfac.kfac.calls import ParameterView, RecognizedCall, argument
 from lightning_kfac.kfac.kinds.base import Kind, SampleCall, SupportedUse, UnitWiseModel
-from lightning_kfac.kfac.kinds.linear import positions_of_rows
+from lightning_kfac.kfac.kinds.linear import positions_of_features
 
 NAME = "elementwise"
 
@@ -106,13 +106,9 @@ class ElementwiseModel(UnitWiseModel):
         self, layer_input: Tensor, batch_dim: int, positions: Tensor
     ) -> Tensor | None:
         """Over ``(N, T, C)`` outputs, padding positions add nothing to the per-sample sums."""
-        if self.spec.detail[0] == "cat" or layer_input.dim() != 3:
+        if self.spec.detail[0] == "cat":
             return None
-        mask = positions_of_rows(layer_input[..., 0], batch_dim, positions, features=False)
-        if mask is None:
-            return None
-        shape = positions.shape if batch_dim == 0 else positions.T.shape
-        return mask.reshape(*shape, 1)
+        return positions_of_features(layer_input, batch_dim, positions)
 
     def begin_samples(
         self,

@@ -205,6 +205,18 @@ def positions_of_rows(
     return None
 
 
+def positions_of_features(tensor: Tensor, batch_dim: int, positions: Tensor) -> Tensor | None:
+    """The ``[N, T]`` mask ``positions`` shaped ``(N, T, 1)`` or ``(T, N, 1)`` to multiply a
+    ``(N, T, C)`` / ``(T, N, C)`` tensor (a per-sample rule's output gradient), or None when
+    ``tensor`` is not laid out over those positions."""
+    if tensor.dim() != 3:
+        return None
+    mask = positions_of_rows(tensor[..., 0], batch_dim, positions, features=False)
+    if mask is None:
+        return None
+    return mask.reshape(*tensor.shape[:2], 1)
+
+
 def feature_rows(tensor: Tensor, features: int, index: Tensor | None) -> Tensor:
     """``tensor`` ``(..., features)`` as one block of rows ``[1, M, features]`` (rows ``index``)."""
     rows = tensor.reshape(-1, features)

@@ -30,7 +30,7 @@ from lightning_kfac.kfac.kinds.base import (
     UnitWiseModel,
     move_batch_first,
 )
-from lightning_kfac.kfac.kinds.linear import positions_of_rows
+from lightning_kfac.kfac.kinds.linear import positions_of_features
 
 NAME = "norm"
 
@@ -138,13 +138,9 @@ class NormModel(UnitWiseModel):
     ) -> Tensor | None:
         """LayerNorm/RMSNorm over the features of ``(N, T, ...)``: padding positions add
         nothing to the per-sample sums (channel-first norms are not laid out over positions)."""
-        if self.channel_first() or layer_input.dim() < 3:
+        if self.channel_first():
             return None
-        mask = positions_of_rows(layer_input[..., 0], batch_dim, positions, features=False)
-        if mask is None or layer_input.dim() != 3:
-            return None
-        shape = positions.shape if batch_dim == 0 else positions.T.shape
-        return mask.reshape(*shape, 1)
+        return positions_of_features(layer_input, batch_dim, positions)
 
     def begin_samples(
         self,
