@@ -82,3 +82,13 @@ def test_train_script_is_a_lightning_cli(tmp_path: Path, capsys: pytest.CaptureF
     assert "kfac/damping" in metrics.splitlines()[0] and "mixup/lambda" in metrics
     out = capsys.readouterr().out
     assert "test accuracy" in out and "after 2 epochs (KFACDDPStrategy, 2 processes)" in out
+
+
+def test_plain_pytorch_example_ends_with_a_verdict(capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("sklearn")
+    from examples.digits_plain_pytorch import main
+
+    main(["--epochs", "1"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("verdict: ") and "after 1 epochs at batch 256, seed 0" in last
+    assert " wins, test accuracy " in last or "a tie" in last
