@@ -256,3 +256,16 @@ def run_as_launched_ranks(
     assert not hung, f"ranks {hung} still running after {limit} s (deadlock?)\n" + "\n".join(errors)
     assert not errors, "\n".join(errors)
     return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
+
+
+class YourModel(TinyClassifier):
+    """ "Your LightningModule" of the README's snippets: float32, and it stops training itself
+    after ``steps`` optimizer steps (the snippets set no ``max_epochs``, as a user's would not)."""
+
+    def __init__(self, steps: int = 3) -> None:
+        super().__init__(batch_size=8, dtype=torch.float32)
+        self.steps = steps
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.trainer.global_step >= self.steps:
+            self.trainer.should_stop = True
