@@ -12,9 +12,9 @@ registries: this class is a ``lightning.pytorch`` ``DDPStrategy``,
 the ``kfac_ddp*`` names in ``lightning.pytorch``; ``import lightning_kfac`` arranges that for
 whenever ``lightning.pytorch`` is imported (without importing it itself).
 
-``lightning_kfac.MixupCallback`` serves both namespaces as it is; ``MixupCallback`` here is the
-same callback, also a ``lightning.pytorch.Callback`` for ``LightningCLI``'s type check
-(``class_path: lightning_kfac.lightning.MixupCallback`` in a config).
+``MixupCallback`` here is ``lightning_kfac.MixupCallback``, also a ``lightning.pytorch.Callback``:
+``lightning.pytorch.Trainer`` 2.6 accepts either, 2.4 (tested) only this one, and so does
+``LightningCLI``'s type check (``class_path: lightning_kfac.lightning.MixupCallback``).
 """
 
 from lightning.pytorch import Callback
@@ -35,9 +35,8 @@ class KFACDDPStrategy(KFACStrategyMixin, DDPStrategy):
 
 class MixupCallback(_MixupCallback, Callback):
     __doc__ = _MixupCallback.__doc__
-    # ``lightning_kfac.MixupCallback`` already works with ``lightning.pytorch.Trainer`` (it only
-    # uses hooks both namespaces call by name); this subclass is also a ``lightning.pytorch``
-    # ``Callback``, which LightningCLI's type check asks for (``trainer.callbacks`` in a config).
+    # The same hooks, called by name in both namespaces; being also a ``lightning.pytorch``
+    # ``Callback`` satisfies the unified Trainer's and LightningCLI's type checks.
 
 
 KFACDDPStrategy.register_strategies(StrategyRegistry)
