@@ -1,19 +1,40 @@
-"""Train a classifier with Lightning, optionally with K-FAC and mixup, logged to W&B.
+"""Train a classifier with Lightning's LightningCLI, optionally with K-FAC and mixup, logged to W&B.
 
-    python examples/train.py                                   # digits, SGD, 1 process
-    python examples/train.py --trainer.strategy kfac_ddp_fork --trainer.devices 2 --mixup 0.4
-    python examples/train.py --data cifar10 --data-dir ~/data/cifar-10-batches-py \\
-        --trainer.strategy kfac_ddp
+    python examples/train.py fit                                       # digits, SGD, 1 process
+    python examples/train.py fit --trainer.devices 2 \\
+        --trainer.strategy lightning_kfac.KFACDDPStrategy --trainer.strategy.damping 1e-2 \\
+        --trainer.callbacks+ lightning_kfac.MixupCallback --trainer.callbacks.alpha 0.4
+    python examples/train.py fit --config config.yaml                # the same, from YAML
+    python examples/train.py fit --data CIFAR10DataModule \\
+        --data.data_dir ~/data/cifar-10-batches-py --trainer.strategy kfac_ddp
+    python examples/train.py fit --print_config                      # the full YAML config
 
-Data: ``digits`` (scikit-learn's bundled images, default), ``teacher`` (synthetic
-teacher-student), ``cifar10`` (python-version batch files in ``--data-dir``; nothing is
-downloaded). Logging: ``WandbLogger`` by default — offline unless a W&B API key is configured,
-with the ``wandb sync`` command printed — or ``--logger csv``.
+It is Lightning's own ``LightningCLI`` (``jsonargparse``): every Trainer argument is
+``--trainer.<name>``, the strategy is a class path with its K-FAC options as
+``--trainer.strategy.<name>`` (or a registered name: ``kfac_ddp``, ``kfac_ddp_fork``, ``ddp``),
+callbacks are added with ``--trainer.callbacks+``, and ``--config`` reads the same keys from YAML::
+
+    trainer:
+      devices: 2
+      strategy:
+        class_path: lightning_kfac.KFACDDPStrategy
+        init_args: {damping: 1.0e-2, inverse_update_interval: 10}
+      callbacks:
+        - class_path: lightning_kfac.MixupCallback
+          init_args: {alpha: 0.4}
+
+Data (``--data``, a subclass of ``examples.data.TensorDataModule``): ``DigitsDataModule``
+(scikit-learn's bundled images, default), ``TeacherStudentDataModule`` (synthetic),
+``CIFAR10DataModule`` (python-version batch files in ``--data.data_dir``; nothing is downloaded);
+``--data.batch_size`` is the global batch. The model's input shape, classes and batch size follow
+the data. Logging: ``WandbLogger`` by default — offline unless a W&B API key is configured, with
+the ``wandb sync`` command printed — or ``--trainer.logger CSVLogger``.
+
+``fit_run`` below is the same training as one Python call (the large-batch study uses it).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -32,7 +53,6 @@ if __package__ in (None, ""):  # `python examples/train.py`: make `examples` imp
 from examples.data import make_datamodule
 from examples.model import Classifier
 from lightning_kfac import KFACDDPStrategy, KFACOptions, MixupCallback
-from lightning_kfac.cli import add_kfac_arguments, kfac_options_from_args
 from lightning_kfac.strategy import STRATEGY_NAMES
 
 
@@ -294,71 +314,83 @@ def fit_run(
     return json.loads(history_path.read_text())
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="digits", choices=["digits", "teacher", "cifar10"])
-    parser.add_argument("--data-dir")
-    parser.add_argument("--batch-size", type=int, default=64, help="global batch size")
-    parser.add_argument(
-        "--base-batch-size", type=int, default=32, help="batch size --lr was tuned at"
-    )
-    parser.add_argument("--lr", type=float, default=0.05, help="learning rate at --base-batch-size")
-    parser.add_argument(
-        "--warmup-epochs", type=float, default=0.1, help="warmup at --base-batch-size"
-    )
-    parser.add_argument("--max-epochs", type=int, default=20)
-    parser.add_argument(
-        "--trainer.strategy",
-        dest="strategy",
-        default="auto",
-        help="e.g. kfac_ddp, kfac_ddp_fork, ddp, auto",
-    )
-    parser.add_argument("--trainer.accelerator", dest="accelerator", default="cpu")
-    parser.add_argument("--trainer.devices", dest="devices", type=int, default=1)
-    parser.add_argument("--trainer.num_nodes", dest="num_nodes", type=int, default=1)
-    parser.add_argument("--trainer.precision", dest="precision", default="32-true")
-    # --kfac.<name> for every K-FAC option, validated by KFACOptions (this example's damping
-    # default is 1e-2, tuned on digits).
-    add_kfac_arguments(parser, KFACOptions(damping=1e-2))
-    parser.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off)")
-    parser.add_argument("--logger", default="wandb", choices=["wandb", "csv"])
-    parser.add_argument("--out", default="runs/train")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    try:
-        kfac_options = kfac_options_from_args(args)
-    except ValueError as error:  # a bad --kfac.* value: usage message, not a traceback
-        parser.error(str(error))
-    out = Path(args.out)
-    name = f"{args.data}-{args.strategy}-b{args.batch_size}" + (
-        f"-mixup{args.mixup}" if args.mixup else ""
-    )
-    result = fit_run(
-        data=args.data,
-        data_dir=args.data_dir,
-        batch_size=args.batch_size,
-        base_batch_size=args.base_batch_size,
-        base_lr=args.lr,
-        base_warmup_epochs=args.warmup_epochs,
-        max_epochs=args.max_epochs,
-        strategy=args.strategy,
-        accelerator=args.accelerator,
-        devices=args.devices,
-        num_nodes=args.num_nodes,
-        precision=args.precision,
-        mixup_alpha=args.mixup,
-        kfac_options=kfac_options,
-        seed=args.seed,
-        logger=make_logger(args.logger, out, "lightning-kfac", name),
-        history_path=out / f"{name}.json",
-    )
-    final = result["curve"][-1]
-    print(
-        f"{name}: test accuracy {final['val_acc']:.4f} after {final['step']} steps, "
-        f"{result['wall_time_s']:.1f} s"
+def _train_cli() -> type:
+    """The ``LightningCLI`` subclass (defined on first use: ``pytorch_lightning.cli`` imports
+    jsonargparse, which only the command line needs)."""
+    from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+
+    class TrainCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+            parser.set_defaults({"data": {"class_path": "examples.data.DigitsDataModule"}})
+            # The model's shape, classes and (global) batch size follow the data.
+            for target, read in (
+                ("model.input_shape", lambda data: tuple(data.input_shape)),
+                ("model.num_classes", lambda data: data.num_classes),
+                ("model.batch_size", lambda data: data.global_batch_size()),
+            ):
+                parser.link_arguments("data", target, compute_fn=read, apply_on="instantiate")
+
+        def after_fit(self) -> None:
+            trainer = self.trainer
+            accuracy = trainer.callback_metrics.get("val/acc")
+            if trainer.is_global_zero and accuracy is not None:
+                # (the Trainer of a fork/spawn launch does not get the workers' step count back)
+                print(
+                    f"test accuracy {float(accuracy):.4f} after {trainer.max_epochs} epochs "
+                    f"({type(trainer.strategy).__name__}, {trainer.world_size} processes)",
+                    flush=True,
+                )
+            if os.environ.get("WANDB_MODE") in ("offline", "dryrun") and any(
+                type(logger).__name__ == "WandbLogger" for logger in trainer.loggers
+            ):
+                print(
+                    "W&B is offline: upload the run later with\n"
+                    f"    wandb sync {Path(trainer.loggers[0].save_dir) / 'wandb'}/offline-run-*",
+                    flush=True,
+                )
+
+    return TrainCLI
+
+
+def main(args: list[str] | None = None) -> Any:
+    """Run the command line (``args`` instead of ``sys.argv[1:]``); the ``LightningCLI``."""
+    from examples.data import TensorDataModule
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    out = "runs/train"
+    return _train_cli()(
+        Classifier,
+        TensorDataModule,
+        subclass_mode_data=True,
+        args=args,
+        seed_everything_default=0,
+        save_config_callback=None,
+        parser_kwargs={
+            "description": __doc__.splitlines()[0],
+            "default_env": False,
+            "fit": {"default_config_files": []},
+        },
+        trainer_defaults={
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_epochs": 20,
+            "check_val_every_n_epoch": 1,
+            "num_sanity_val_steps": 0,
+            "log_every_n_steps": 1,
+            "enable_checkpointing": False,
+            "enable_model_summary": False,
+            "default_root_dir": out,
+            "logger": {
+                "class_path": "pytorch_lightning.loggers.WandbLogger",
+                "init_args": {
+                    "project": "lightning-kfac",
+                    "save_dir": out,
+                    "offline": wandb_offline(),
+                },
+            },
+        },
     )
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     main()

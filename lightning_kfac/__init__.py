@@ -1,8 +1,16 @@
 """lightning-kfac: distributed K-FAC and mixup for PyTorch Lightning.
 
 ``import lightning_kfac`` registers the strategy names ``kfac_ddp``, ``kfac_ddp_spawn`` and
-``kfac_ddp_fork`` with ``pytorch_lightning`` when it is installed; ``import
-lightning_kfac.lightning`` does the same for the unified ``lightning.pytorch`` package.
+``kfac_ddp_fork`` in each Lightning namespace the process uses — ``pytorch_lightning`` and the
+unified package's ``lightning.pytorch`` — whether it was imported before or is imported after
+``lightning_kfac`` (a post-import hook: ``lightning_kfac`` imports neither itself, each costs
+seconds). ``Trainer(strategy="kfac_ddp")`` then works with either ``Trainer``.
+
+``lightning_kfac.KFACDDPStrategy`` is the ``pytorch_lightning`` class;
+``lightning_kfac.lightning.KFACDDPStrategy`` the ``lightning.pytorch`` one (the two namespaces are
+separate class hierarchies). Given to the other namespace's ``Trainer``, Lightning's "invalid
+strategy" error shows the strategy's ``repr``, which names the class to use. ``MixupCallback``
+serves both.
 
 The K-FAC core needs no Lightning: ``import lightning_kfac.kfac`` and ``from lightning_kfac import
 KFACPreconditioner`` work without it. The Lightning-facing names (``KFACDDPStrategy``,
@@ -10,10 +18,11 @@ KFACPreconditioner`` work without it. The Lightning-facing names (``KFACDDPStrat
 raises an ``ImportError`` that says what to install.
 """
 
+import functools
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from lightning_kfac._requires import importable, lightning_requirement, package_dir
+from lightning_kfac._requires import after_import, lightning_requirement, package_dir
 from lightning_kfac.kfac import (
     ComputeMethod,
     DistributionMode,
@@ -55,12 +64,16 @@ _LIGHTNING_NAMES = {
     "MixupCallback": ("lightning_kfac.mixup.callback", ""),
 }
 
-if importable("pytorch_lightning"):
-    # Defining the strategy registers kfac_ddp, kfac_ddp_spawn and kfac_ddp_fork in
-    # pytorch_lightning's StrategyRegistry, so that `Trainer(strategy="kfac_ddp")` works after
-    # `import lightning_kfac` — also in the processes Lightning's launchers start, which import
-    # this package again.
-    importlib.import_module("lightning_kfac.pytorch_lightning")
+# Defining a strategy class registers kfac_ddp, kfac_ddp_spawn and kfac_ddp_fork in its
+# namespace's StrategyRegistry, so that `Trainer(strategy="kfac_ddp")` works after
+# `import lightning_kfac` — also in the processes Lightning's launchers start, which import this
+# package again. Done when the user's code imports that namespace (now, if it already has).
+for _namespace, _module in (
+    ("pytorch_lightning", "lightning_kfac.pytorch_lightning"),
+    ("lightning.pytorch", "lightning_kfac.lightning"),
+):
+    after_import(_namespace, functools.partial(importlib.import_module, _module))
+del _namespace, _module
 
 
 def __getattr__(name: str) -> Any:

@@ -6,6 +6,11 @@
     options = kfac_options_from_args(args)     # a validated KFACOptions
     trainer = Trainer(strategy=KFACDDPStrategy(options))
 
+For plain ``argparse`` scripts. With Lightning's ``LightningCLI`` nothing is needed:
+``--trainer.strategy=lightning_kfac.KFACDDPStrategy --trainer.strategy.damping=1e-2`` (or the
+same in a YAML config) works, since the strategy's signature lists every K-FAC option
+(``examples/train.py`` is such a script).
+
 Every field of ``KFACOptions`` becomes ``--kfac.<name>``; values are parsed from text (numbers,
 ``none``, choice names, dtype names, module patterns for ``skip_modules``) and validated by
 ``KFACOptions`` itself, so a bad value is rejected with the same message as in Python.

@@ -30,15 +30,30 @@ will skip this step) the factor update is rejected on the device, with no host s
 Manual optimization: K-FAC runs at every ``optimizer.step()`` on the gradients present then, with
 ``loss_scale = 1``. One optimizer is supported; for several use ``KFACPreconditioner`` directly.
 
-Checkpoints carry the preconditioner's ``state_dict`` under ``"kfac"``; it is validated on load.
-A run resumes exactly, also on a different number of ranks, since factors are global averages. A
-checkpoint without K-FAC state (e.g. from plain DDP) resumes with fresh factors, said once.
+Checkpoints carry the preconditioner's ``state_dict`` under ``"kfac"`` (with the K-FAC options it
+was saved with); it is validated on load, and every option that differs in the resumed run is
+named once with what it means. A run resumes exactly, also on a different number of ranks, since
+factors are global averages. A checkpoint without K-FAC state (e.g. from plain DDP) resumes with
+fresh factors, said once. A K-FAC checkpoint also holds a marker among the callback states
+(``CHECKPOINT_MARKER``): resumed by a Trainer without this strategy (plain ``DDPStrategy``), it
+is a callback state nobody claims, and Lightning's own warning ("Please add the following
+callbacks: [...]") then names it — the K-FAC state is being dropped. This strategy removes the
+marker when it loads a checkpoint.
+
+Calling ``trainer.fit`` again on the same Trainer and LightningModule (a script that fits, looks,
+and fits on; each process keeps its strategy, as with the popen launcher, ``torchrun`` or SLURM)
+continues K-FAC from where the previous fit stopped: its step counter, factors, decompositions
+and counters move to the new fit's preconditioner (Lightning sets the strategy up anew, with new
+optimizers), which equals one longer fit. A second ``fit`` with ``ckpt_path`` takes the
+checkpoint's K-FAC state instead; a different LightningModule starts K-FAC afresh.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
+import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -49,13 +64,22 @@ from typing_extensions import override
 
 from lightning_kfac.distributed import TorchDistributedDistributor
 from lightning_kfac.kfac import KFACOptions, KFACPreconditioner
-from lightning_kfac.kfac.options import option_names, reject_unknown, split_options
-from lightning_kfac.kfac.structure import Structure
+from lightning_kfac.kfac import options as options_module
+from lightning_kfac.kfac.options import option_names, reject_unknown
 
 log = logging.getLogger(__name__)
 
 #: Registered strategy names and their ``start_method``.
 STRATEGY_NAMES = {"kfac_ddp": "popen", "kfac_ddp_spawn": "spawn", "kfac_ddp_fork": "fork"}
+
+#: Key of the marker a K-FAC checkpoint holds among its callback states. A Trainer without this
+#: strategy finds no callback claiming it, and Lightning warns "Please add the following
+#: callbacks: [<this key>]": the key is written to be read there.
+CHECKPOINT_MARKER = (
+    "KFACDDPStrategy (lightning_kfac): this checkpoint's K-FAC state (checkpoint['kfac']: factors, "
+    "decompositions, step counter) is dropped unless the run resumes with "
+    "strategy=lightning_kfac.KFACDDPStrategy(...)"
+)
 
 
 def _accepted_keywords(ddp_strategy: type) -> list[str]:
@@ -74,7 +98,8 @@ class KFACStrategyMixin:
     Args:
         options: A ``KFACOptions`` (validated when built). K-FAC keywords given directly
             (``damping=...``, ``inverse_update_interval=...``, every field of ``KFACOptions``)
-            override it.
+            override it. Python only: ``LightningCLI`` and YAML configs give the K-FAC
+            keywords directly (``--trainer.strategy.damping=...``), which the signature lists.
         log_figures: Log ``kfac/*`` figures through ``LightningModule.log`` every step.
         **kwargs: K-FAC options, and every ``DDPStrategy`` keyword (``start_method``,
             ``process_group_backend``, ``find_unused_parameters``, ``timeout``, …). Anything
@@ -85,26 +110,47 @@ class KFACStrategyMixin:
     _rank_zero_info: Callable[[str], None] = staticmethod(log.info)
     #: ``rank_zero_warn`` of the Lightning namespace (set by the concrete class).
     _rank_zero_warn: Callable[[str], None] = staticmethod(log.warning)
+    #: The Trainer this class fits, and what to use with the other namespace's Trainer (set by
+    #: the concrete class; shown by ``repr``, which Lightning puts in its "invalid strategy" error).
+    _fits: str = "a Lightning Trainer"
+    _other: str = ""
 
     def __init__(
         self, options: KFACOptions | None = None, *, log_figures: bool = True, **kwargs: Any
     ) -> None:
-        kfac_kwargs, ddp_kwargs = split_options(kwargs)
+        # K-FAC keywords are taken out of ``kwargs``, which then goes on as it is: jsonargparse
+        # (LightningCLI) follows ``super().__init__(**kwargs)`` to the DDPStrategy keywords.
+        kfac_kwargs = {name: kwargs.pop(name) for name in option_names() if name in kwargs}
         ddp_strategy = next(c for c in type(self).__mro__ if c.__name__ == "DDPStrategy")
         reject_unknown(
-            ddp_kwargs,
+            kwargs,
             [*option_names(), *_accepted_keywords(ddp_strategy), "options", "log_figures"],
             where=f"{type(self).__name__}",
             others="besides options= and log_figures=, every DDPStrategy and "
             "DistributedDataParallel keyword is accepted",
         )
+        if options is not None and not isinstance(options, KFACOptions):
+            raise TypeError(
+                f"{type(self).__name__}(options=...) takes a lightning_kfac.KFACOptions, got "
+                f"{options!r}; or pass the K-FAC keywords directly (damping=..., ...)"
+            )
         #: The validated K-FAC options.
         self.kfac_options = KFACOptions.from_kwargs(options, **kfac_kwargs)
-        super().__init__(**ddp_kwargs)  # type: ignore[call-arg]
+        super().__init__(**kwargs)  # type: ignore[call-arg]
         self.log_figures = log_figures
-        #: The preconditioner driving the current ``fit`` (None before ``setup``).
+        #: The preconditioner driving the current ``fit`` (None before ``setup``); after a
+        #: ``fit``, the one of the last fit (a next ``fit`` continues from it).
         self.preconditioner: KFACPreconditioner | None = None
-        self._reported_structure: Structure | None = None
+        self._reported_table: str | None = None
+        self._logged_fraction = False
+
+    def __repr__(self) -> str:
+        cls = type(self)
+        return (
+            f"<{cls.__module__}.{cls.__qualname__}: K-FAC for {cls._fits}"
+            + (f"; {cls._other}" if cls._other else "")
+            + ">"
+        )
 
     # -- setup / teardown -------------------------------------------------------------------
     @override
@@ -121,6 +167,13 @@ class KFACStrategyMixin:
                 f"KFACDDPStrategy supports exactly one optimizer, configure_optimizers returned "
                 f"{len(optimizers)}; use lightning_kfac.KFACPreconditioner directly for several"
             )
+        previous = self.preconditioner
+        # A previous fit of the same module (and no checkpoint to resume instead): continue it.
+        # Taken before anything else of this fit, while every rank is here and the previous
+        # fit's process group still works (``broadcast_gradients`` gathers decompositions).
+        carried = None
+        if previous is not None and previous.model is module and not trainer.ckpt_path:
+            carried = previous.full_state_dict()
         distributor = None
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             group = dist.new_group(
@@ -150,7 +203,28 @@ class KFACStrategyMixin:
             ),
             profile=trainer.profiler.profile,
         )
-        self._reported_structure = None
+        if carried is not None:
+            assert previous is not None
+            self._continue_from(previous, carried)
+        else:
+            self._reported_table = None
+            self._logged_fraction = False
+
+    def _continue_from(self, previous: KFACPreconditioner, carried: dict[str, Any]) -> None:
+        """The new fit's preconditioner takes over the previous fit's state: what a checkpoint
+        resume restores (factors, decompositions, step counter, sampling generators), plus the
+        device-side fault counters and the warnings already given."""
+        pre = self.preconditioner
+        assert pre is not None
+        pre.load_state_dict(carried)
+        pre.nonfinite_steps = previous.nonfinite_steps
+        pre.amp_skipped_steps = previous.amp_skipped_steps
+        pre.faults = previous.faults
+        if self.global_rank == 0:  # type: ignore[attr-defined]
+            type(self)._rank_zero_info(
+                f"K-FAC continues from step {pre.steps} of the previous fit of this model "
+                "(factors, decompositions and step counter carried over)"
+            )
 
     @override
     def teardown(self) -> None:
@@ -190,26 +264,39 @@ class KFACStrategyMixin:
             scale = getattr(scaler, "_scale", None)  # a tensor: no host sync
             grad_scale = scale if isinstance(scale, torch.Tensor) else scaler.get_scale()
         pre.step(grad_scale=grad_scale)
-        if pre.structure is not None and pre.structure is not self._reported_structure:
+        if pre.structure is not None:
             self._report_structure(pre)
         if self.log_figures:
             self._log_figures(pre)
 
     def _report_structure(self, pre: KFACPreconditioner) -> None:
+        """The coverage table on rank 0 when it is new or changed (a structure traced again, a
+        continued fit with another table), and the preconditioned fraction once per run."""
         structure = pre.structure
         assert structure is not None
-        first = self._reported_structure is None
-        self._reported_structure = structure
+        trainer = self.lightning_module.trainer  # type: ignore[attr-defined]
         if self.global_rank == 0:  # type: ignore[attr-defined]
-            type(self)._rank_zero_info(pre.coverage_report())
-        if first and self.log_figures:
+            table = pre.coverage_report()
+            if table != self._reported_table:
+                self._reported_table = table
+                self._print(trainer, table)
+        if not self._logged_fraction and self.log_figures:
+            self._logged_fraction = True
             # Once, straight to the loggers (``self.log`` would repeat it at every log step).
-            trainer = self.lightning_module.trainer  # type: ignore[attr-defined]
             for logger in trainer.loggers:
                 logger.log_metrics(
                     {"kfac/preconditioned_fraction": structure.preconditioned_fraction},
                     step=trainer.global_step,
                 )
+
+    def _print(self, trainer: Any, text: str) -> None:
+        """Through the progress bar's own printing while one is shown (a bar redraws itself
+        around the text instead of the text landing in the middle of its line); else as info."""
+        bar = getattr(trainer, "progress_bar_callback", None)
+        if bar is not None and bar.is_enabled:
+            bar.print(text)
+        else:
+            type(self)._rank_zero_info(text)
 
     def _log_figures(self, pre: KFACPreconditioner) -> None:
         record = pre.last_step
@@ -244,7 +331,20 @@ class KFACStrategyMixin:
     ) -> None:
         if self.preconditioner is not None:
             checkpoint["kfac"] = self.preconditioner.full_state_dict()  # every rank calls it
+            callbacks = checkpoint.get("callbacks")
+            if isinstance(callbacks, dict):  # a full checkpoint (not weights_only)
+                callbacks[CHECKPOINT_MARKER] = {"steps": self.preconditioner.steps}
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)  # type: ignore[misc]
+
+    @override
+    def load_checkpoint(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Lightning's loading, without ``CHECKPOINT_MARKER``: this strategy claims the K-FAC
+        state, so Lightning has no callback state to warn about."""
+        checkpoint = super().load_checkpoint(*args, **kwargs)  # type: ignore[misc]
+        callbacks = checkpoint.get("callbacks") if isinstance(checkpoint, dict) else None
+        if isinstance(callbacks, dict):
+            callbacks.pop(CHECKPOINT_MARKER, None)
+        return checkpoint
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
@@ -273,3 +373,27 @@ class KFACStrategyMixin:
                 override=True,
                 start_method=start_method,
             )
+
+
+def _signature() -> inspect.Signature:
+    """``KFACStrategyMixin.__init__``'s signature as tools read it (``inspect.signature``,
+    jsonargparse for ``LightningCLI``): every ``KFACOptions`` field as a typed keyword with its
+    default, then ``log_figures`` and ``**kwargs`` (the DDPStrategy keywords, which jsonargparse
+    finds through ``super().__init__(**kwargs)``). ``options=`` is left out: from a command line
+    or config, the fields are given directly (given both ways, the fields would override it)."""
+    hints = typing.get_type_hints(KFACOptions, vars(options_module))
+    defaults = KFACOptions()
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    parameters = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    parameters += [
+        inspect.Parameter(
+            field.name, keyword, default=getattr(defaults, field.name), annotation=hints[field.name]
+        )
+        for field in dataclasses.fields(KFACOptions)
+    ]
+    parameters.append(inspect.Parameter("log_figures", keyword, default=True, annotation=bool))
+    parameters.append(inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD, annotation=Any))
+    return inspect.Signature(parameters, return_annotation=None)
+
+
+KFACStrategyMixin.__init__.__signature__ = _signature()  # type: ignore[attr-defined]

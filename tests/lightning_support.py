@@ -9,7 +9,12 @@ the same parameters.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import socket
+import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -190,3 +195,77 @@ def destroy_process_group() -> None:
         dist.destroy_process_group()
     for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "RANK"):
         os.environ.pop(key, None)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _launched_rank(
+    rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple[Any, ...], out: Path
+) -> None:
+    code = 0
+    try:
+        # What torchrun (or SLURM) gives each process: Lightning sees processes created
+        # externally and launches nothing; every process runs the whole script.
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            WORLD_SIZE=str(world),
+            NODE_RANK="0",
+            LOCAL_RANK=str(rank),
+            RANK=str(rank),
+        )
+        torch.save(fn(rank, *args), out / f"rank{rank}.pt")
+    except BaseException:
+        (out / f"rank{rank}.err").write_text(traceback.format_exc())
+        code = 1
+    os._exit(code)  # a forked pytest must not run the parent's exit handlers
+
+
+def run_as_launched_ranks(
+    fn: Callable[..., Any], tmp_path: Path, *args: Any, world: int = 2, limit: float = 150.0
+) -> list[Any]:
+    """``fn(rank, *args)`` in ``world`` forked processes that look to Lightning as ``torchrun``
+    started them (so each process keeps its Trainer across several ``fit`` calls, as with the
+    popen launcher, at the cost of a fork); the return values, by rank."""
+    out = tmp_path / f"ranks-{time.monotonic_ns()}"
+    out.mkdir()
+    port = _free_port()
+    context = multiprocessing.get_context("fork")
+    processes = [
+        context.Process(target=_launched_rank, args=(rank, world, port, fn, args, out))
+        for rank in range(world)
+    ]
+    for process in processes:
+        process.start()
+    deadline = time.monotonic() + limit
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    hung = [rank for rank, p in enumerate(processes) if p.is_alive()]
+    for rank in hung:
+        processes[rank].kill()
+        processes[rank].join()
+    errors = [
+        f"rank {rank}:\n{(out / f'rank{rank}.err').read_text()}"
+        for rank in range(world)
+        if (out / f"rank{rank}.err").exists()
+    ]
+    assert not hung, f"ranks {hung} still running after {limit} s (deadlock?)\n" + "\n".join(errors)
+    assert not errors, "\n".join(errors)
+    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
+
+
+class YourModel(TinyClassifier):
+    """ "Your LightningModule" of the README's snippets: float32, and it stops training itself
+    after ``steps`` optimizer steps (the snippets set no ``max_epochs``, as a user's would not)."""
+
+    def __init__(self, steps: int = 3) -> None:
+        super().__init__(batch_size=8, dtype=torch.float32)
+        self.steps = steps
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.trainer.global_step >= self.steps:
+            self.trainer.should_stop = True

@@ -34,3 +34,20 @@ def test_readme_links_the_moved_pages() -> None:
     targets = set(relative_targets(ROOT / "README.md"))
     expected = {"docs/study.md", "docs/guarantees.md", "docs/performance.md", "docs/design.md"}
     assert expected | {"lightning_kfac/mixup/__init__.py"} <= targets
+
+
+def test_readme_images_render_on_a_package_index() -> None:
+    """A package index shows the README without the repository: its images are absolute URLs,
+    on the repository named in pyproject.toml, of files in this checkout."""
+    import tomllib
+
+    repository = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"][
+        "Repository"
+    ]
+    raw = repository.replace("https://github.com/", "https://raw.githubusercontent.com/") + "/main/"
+    text = re.sub(r"```.*?```", "", (ROOT / "README.md").read_text(), flags=re.DOTALL)
+    images = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", text)
+    assert images
+    for image in images:
+        assert image.startswith(raw), image
+        assert (ROOT / image.removeprefix(raw)).is_file(), image

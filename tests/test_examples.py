@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 
@@ -55,28 +54,41 @@ def test_cifar10_loader_names_missing_files(tmp_path: Path) -> None:
         CIFAR10DataModule(tmp_path).setup()
 
 
-def test_train_script_with_csv_logger(tmp_path: Path) -> None:
+def test_train_script_is_a_lightning_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``examples/train.py fit`` with K-FAC (class path and options) and mixup from the command
+    line, 2 forked ranks, CSV logger: K-FAC's figures reach the log, the verdict line is printed."""
     from examples.train import main
 
-    main(
+    cli = main(
         [
-            "--data",
-            "teacher",
-            "--max-epochs",
-            "2",
-            "--batch-size",
-            "256",
-            "--logger",
-            "csv",
-            "--trainer.strategy",
-            "kfac_ddp_fork",
-            "--trainer.devices",
-            "2",
-            "--out",
-            str(tmp_path),
+            "fit",
+            "--data=TeacherStudentDataModule",
+            "--data.batch_size=256",
+            "--trainer.max_epochs=2",
+            "--trainer.logger=CSVLogger",
+            f"--trainer.logger.save_dir={tmp_path}",
+            "--trainer.strategy=lightning_kfac.KFACDDPStrategy",
+            "--trainer.strategy.damping=1e-2",
+            "--trainer.strategy.start_method=fork",
+            "--trainer.devices=2",
+            "--trainer.callbacks+=lightning_kfac.MixupCallback",
+            "--trainer.callbacks.alpha=0.4",
+            "--trainer.enable_progress_bar=false",
         ]
     )
-    history = json.loads(next(tmp_path.glob("*.json")).read_text())
-    assert len(history["curve"]) == 2 and history["curve"][-1]["val_acc"] > 0.1
+    assert cli.trainer.strategy.kfac_options.damping == 1e-2
+    assert cli.model.hparams.input_shape == (32,) and cli.model.hparams.batch_size == 256
     metrics = next(tmp_path.glob("**/metrics.csv")).read_text()
-    assert "kfac/damping" in metrics.splitlines()[0]
+    assert "kfac/damping" in metrics.splitlines()[0] and "mixup/lambda" in metrics
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and "after 2 epochs (KFACDDPStrategy, 2 processes)" in out
+
+
+def test_plain_pytorch_example_ends_with_a_verdict(capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("sklearn")
+    from examples.digits_plain_pytorch import main
+
+    main(["--epochs", "1"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("verdict: ") and "after 1 epochs at batch 256, seed 0" in last
+    assert " wins, test accuracy " in last or "a tie" in last

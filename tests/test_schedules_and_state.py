@@ -148,7 +148,7 @@ def test_state_dict_rejects_other_model() -> None:
     pre = KFACPreconditioner(model, kl_clip=None)
     train(model, pre, torch.optim.SGD(model.parameters(), lr=0.1), range(1))
     other = KFACPreconditioner(nn.Sequential(nn.Linear(3, 3)), kl_clip=None)
-    with pytest.raises(ValueError, match="which this model does not train"):
+    with pytest.raises(ValueError, match="which this model does not have"):
         other.load_state_dict(pre.state_dict())
     with pytest.raises(ValueError, match="unknown format"):
         other.load_state_dict({"steps": 3, "layers": {}})

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger
 
 from lightning_kfac import KFACDDPStrategy
@@ -16,6 +18,7 @@ from tests.lightning_support import (
     SaveAfterEpoch,
     SaveResult,
     TinyClassifier,
+    destroy_process_group,
     relative_difference,
     trainer_kwargs,
 )
@@ -116,3 +119,43 @@ def test_figures_reach_wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyP
     for key in EXPECTED_KEYS:
         assert key.encode() in payload, key
     assert os.environ.get("WANDB_MODE") == "offline"
+
+
+class RecordingBar(TQDMProgressBar):
+    """A TQDM bar that records what goes through its own ``print``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.printed: list[str] = []
+
+    def print(self, *args, **kwargs) -> None:
+        self.printed.append(" ".join(map(str, args)))
+        super().print(*args, **kwargs)
+
+
+@pytest.mark.parametrize("bar", [True, False])
+def test_coverage_table_goes_through_the_progress_bar(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, bar: bool
+) -> None:
+    """With a progress bar the table is printed by the bar (which clears and redraws its line
+    around it) instead of landing in the middle of the bar's line; without one it is info."""
+    recording = RecordingBar()
+    overrides = dict(trainer_kwargs(tmp_path), enable_progress_bar=bar)
+    trainer = pl.Trainer(
+        strategy=KFACDDPStrategy(start_method="popen"),
+        devices=1,
+        max_steps=2,
+        callbacks=[recording] if bar else [],
+        **overrides,
+    )
+    with caplog.at_level(logging.INFO):
+        try:
+            trainer.fit(TinyClassifier(batch_size=16))
+        finally:
+            destroy_process_group()
+    logged = [r.getMessage() for r in caplog.records if "K-FAC coverage" in r.getMessage()]
+    if bar:
+        assert len(recording.printed) == 1 and "K-FAC coverage: 100.0 %" in recording.printed[0]
+        assert not logged
+    else:
+        assert len(logged) == 1

@@ -576,7 +576,11 @@ class KFACPreconditioner:
         Local to this worker: in ``broadcast_gradients`` mode it lacks the decompositions other
         workers own (use ``full_state_dict()`` on every worker for an exact resume)."""
         return state.save(
-            self.steps, self.last_inverse_step, self.compute_method, self.blocks.values()
+            self.steps,
+            self.last_inverse_step,
+            self.compute_method,
+            self.blocks.values(),
+            state.saved_options(self.options, self.factor_dtype, self.inverse_dtype),
         )
 
     def full_state_dict(self) -> dict[str, Any]:
@@ -596,9 +600,25 @@ class KFACPreconditioner:
         ``ValueError`` naming the block. Before the first step (the structure is traced in the
         first training forward) the state is kept and applied when the structure is fixed; its
         uses join the structure. Decompositions of another ``compute_method`` are recomputed
-        from the saved factors.
+        from the saved factors. Every option that differs from the one the state was saved with
+        is named once (a ``UserWarning`` saying what the difference means); blocks of
+        parameters that ``skip_modules`` now leaves to the optimizer are dropped, said once.
         """
-        saved = state.parse(saved_state, self.parameters.tracked)
+        parameters = self.parameters
+        saved = state.parse(saved_state, parameters.tracked, parameters.skipped, parameters.shapes)
+        if self._report:
+            now = state.saved_options(self.options, self.factor_dtype, self.inverse_dtype)
+            for message in state.option_differences(saved.options, now):
+                self.faults.warn_once(f"checkpoint-option:{message}", message, UserWarning)
+            if saved.dropped:
+                names = ", ".join(saved.dropped)
+                self.faults.warn_once(
+                    f"checkpoint-skipped:{names}",
+                    f"K-FAC checkpoint: the state of {names} is dropped: skip_modules="
+                    f"{self.options.to_dict()['skip_modules']} leaves their parameters to the "
+                    "optimizer in this run",
+                    KFACCoverageWarning,
+                )
         shapes, max_dim = self.capture.index.shapes, self.options.max_factor_dim
         for entry in saved.blocks:
             state.check_factors(entry, make_model(entry.spec, shapes, max_dim), self.factor_dtype)
