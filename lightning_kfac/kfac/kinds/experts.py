@@ -267,7 +267,8 @@ class ExpertsModel(KroneckerModel):
         return (matrix.mT if self.spec.transposed_form else matrix), None
 
 
-_grouped = [torch._grouped_mm] + ([F.grouped_mm] if hasattr(F, "grouped_mm") else [])
+#: The grouped matmuls this torch has (``F.grouped_mm`` from 2.10, ``torch._grouped_mm`` before).
+_grouped = [f for f in (getattr(torch, "_grouped_mm", None), getattr(F, "grouped_mm", None)) if f]
 
 KIND = Kind(
     name=NAME,
