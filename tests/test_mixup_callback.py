@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_kfac import KFACDDPStrategy, MixupCallback
 from lightning_kfac.mixup import MixedLabels, MixupLossError
 from tests.helpers import assert_close
-from tests.lightning_support import trainer_kwargs
+from tests.lightning_support import SaveAfterEpoch, trainer_kwargs
 
 CLASSES, FEATURES, SAMPLES = 4, 6, 48
 Pair = namedtuple("Pair", ["inputs", "labels"])
@@ -262,15 +262,6 @@ def test_off_schedule_for_final_epochs(tmp_path: Path) -> None:
     assert [isinstance(r["y"], MixedLabels) for r in module.records] == [True] * 3 + [False] * 3
 
 
-class SaveAt(pl.Callback):
-    def __init__(self, path: Path, epoch: int) -> None:
-        self.path, self.epoch = path, epoch
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.current_epoch == self.epoch:
-            trainer.save_checkpoint(self.path)
-
-
 def test_resume_reproduces_the_lambda_sequence(tmp_path: Path) -> None:
     def lambdas(module: Plain) -> list[float]:
         return [float(r["y"].lam[0]) for r in module.records]
@@ -282,7 +273,7 @@ def test_resume_reproduces_the_lambda_sequence(tmp_path: Path) -> None:
         MixupCallback(seed=11),
         max_steps=-1,
         max_epochs=2,
-        callbacks=[SaveAt(tmp_path / "e0.ckpt", 0)],
+        callbacks=[SaveAfterEpoch(tmp_path / "e0.ckpt", 0)],
     )
     resumed = Plain("list")
     trainer = pl.Trainer(
