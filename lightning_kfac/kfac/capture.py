@@ -301,9 +301,13 @@ class UseCapture(UseListener):
         if spec not in self.uses and not discovering:
             self.unexpected.setdefault(spec)
             return call.run()
+        sums = self.sums_of(spec)
+        layout = self._sample_layout(sums, call)
+        if isinstance(layout, str):  # no per-sample gradient: the use cannot be a block
+            self.on_unsupported(spec.first_part, layout, site)
+            return call.run()
         if discovering:
             self.discovered.setdefault(spec)
-        sums = self.sums_of(spec)
         # While discovering, which parameters have several uses is not known yet (the structure
         # is fixed in step()): keep every use's own gradient, so that the first step can already
         # sum the uses' preconditioned gradients of a tied parameter.
@@ -311,15 +315,11 @@ class UseCapture(UseListener):
         weight_arg = bias_arg = None
         if aliased or discovering:
             weight_arg = self._alias(
-                call.weight, sums, "weight", "weight" in aliased or (discovering and weight)
+                call.weight, sums, "weight", "weight" in aliased or (discovering and bool(weight))
             )
             bias_arg = self._alias(
-                call.bias, sums, "bias", "bias" in aliased or (discovering and bias)
+                call.bias, sums, "bias", "bias" in aliased or (discovering and bool(bias))
             )
-        layout = self._sample_layout(sums, call)
-        if isinstance(layout, str):
-            self.on_unsupported(spec.first_part, layout, site)
-            return call.run()
         output = call.run(weight_arg, bias_arg)
         if self.capturing and isinstance(output, Tensor) and output.requires_grad:
             layer_input = call.input
