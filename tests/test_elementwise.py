@@ -103,3 +103,50 @@ def test_two_parameters_in_one_product_are_named() -> None:
     F.cross_entropy(model(x), y).backward()
     with pytest.warns(UserWarning, match=r"a \(used by mul"):
         pre.step()
+
+
+class ScaleShift(nn.Module):
+    """A hand-written affine normalisation, ``w * x̂ + b`` (and ``b + x̂ * w``)."""
+
+    def __init__(self, reflected: bool) -> None:
+        super().__init__()
+        self.reflected = reflected
+        self.w = nn.Parameter(1.0 + 0.3 * torch.randn(C))
+        self.b = nn.Parameter(0.1 * torch.randn(C))
+        self.head = nn.Linear(C, CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x_hat = (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True)
+        h = self.b + x_hat * self.w if self.reflected else self.w * x_hat + self.b
+        return self.head(torch.tanh(h)).mean(1)
+
+
+@pytest.mark.parametrize("reflected", [False, True])
+def test_a_scale_and_shift_pair_gets_one_unit_wise_block_per_channel(reflected: bool) -> None:
+    """``w * x̂ + b``: one 2×2 per-sample Fisher block per channel for ``(w_c, b_c)`` (as a
+    normalisation layer's), ``F_c = (1/N) Σ_n u uᵀ``, ``u = (∂l_n/∂w_c, ∂l_n/∂b_c)``, on every
+    step (the structure stays one use after it is fixed)."""
+    torch.manual_seed(0)
+    model = ScaleShift(reflected)
+    x, y = data()
+    per_sample = []
+    for n in range(N):
+        grads = torch.autograd.grad(
+            F.cross_entropy(model(x[n : n + 1]), y[n : n + 1]), [model.w, model.b]
+        )
+        per_sample.append(torch.stack(grads, dim=-1))  # [C, 2]
+    u = torch.stack(per_sample)  # [N, C, 2]
+    fisher = torch.einsum("nci,ncj->cij", u, u) / N
+    pre = KFACPreconditioner(model, damping=DAMPING, kl_clip=None)
+    for _ in range(2):
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        raw = torch.stack([model.w.grad, model.b.grad], dim=-1).clone()
+        pre.step()
+    assert pre.preconditioned_fraction == 1.0
+    block = pre.block("w")
+    assert block.spec.detail == ("affine",) and block.spec.bias.name == "b"
+    assert len(pre.blocks) == 2  # the pair and the head
+    assert_close(block.g.value, fisher, rtol=1e-10, atol=1e-13)
+    solve = torch.linalg.solve(fisher + DAMPING * torch.eye(2), raw.unsqueeze(-1))[..., 0]
+    assert_close(torch.stack([model.w.grad, model.b.grad], dim=-1), solve, rtol=1e-9, atol=1e-12)

@@ -135,6 +135,8 @@ class PendingCall:
     row_mask: Tensor | None = None
     #: Per-sample rule: zeroes the output gradient at padding positions, or None.
     gradient_mask: Tensor | None = None
+    #: Withdrawn (``UseSums.cancel``): its gradient is ignored.
+    cancelled: bool = False
     #: Per-sample rule: what ``UseModel.begin_samples`` returned.
     begun: Any = None
 
@@ -264,10 +266,22 @@ class UseSums:
         self.open_calls += 1
         return pending
 
+    def cancel(self, pending: PendingCall) -> None:
+        """Withdraw a call begun in the forward (its gradient, when it comes, is ignored)."""
+        if pending.cancelled:
+            return
+        pending.cancelled = True
+        self.open_calls -= 1
+        samples = self._forward_samples.get(pending.forward_id)
+        if samples is not None:
+            samples.open_calls -= 1
+
     def end_call(
         self, pending: PendingCall, output_gradient: Tensor, loss_scale: float | Tensor
     ) -> None:
         """Backward half: the output side, and the commit of both sides."""
+        if pending.cancelled:
+            return
         self.open_calls -= 1
         gradient = output_gradient.detach().to(self.dtype)
         scale = pending.batch_size / loss_scale  # g = (N / s) ∂loss/∂s

@@ -71,6 +71,9 @@ class RecognizedCall:
     #: Which block of the use's factors each row of the call feeds (an expert's index, or the
     #: group offsets of a grouped matmul); None: every block sees its rows (not the identity).
     routing: Any = dataclasses.field(default=None, compare=False)
+    #: The output of an earlier recognised call of this forward that this call takes over (a
+    #: shift absorbing its scale, ``x * w + b``): that call's capture is withdrawn.
+    absorbs: Tensor | None = dataclasses.field(default=None, compare=False)
 
     def run(self, weight: Tensor | None = None, bias: Tensor | None = None) -> Any:
         """Call the function, with ``weight``/``bias`` substituted when given."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -152,6 +153,8 @@ class UseCapture(UseListener):
         self.batch_size = 1
         #: The running forward's ``[N, T]`` mask of real (not padding) positions, or None.
         self.positions: Tensor | None = None
+        #: Outputs of this forward's recognised calls, by id: (output, use, pending capture).
+        self._outputs: dict[int, tuple[weakref.ref[Tensor], UseSpec, PendingCall | None]] = {}
         self.training_forwards = 0
         #: The sums of every known use: discovered ones, then the agreed structure's.
         self.uses: dict[UseSpec, UseSums] = {}
@@ -249,6 +252,7 @@ class UseCapture(UseListener):
             self.start_discovery()
         self.forward_id += 1
         self.training_forwards += 1
+        self._outputs.clear()
         values = (*args, *kwargs.values())
         self.batch_size = first_tensor_batch_size(values, self.settings.batch_dim) or 1
         self.positions = find_padding_mask(
@@ -297,10 +301,15 @@ class UseCapture(UseListener):
         model = kind_named(call.kind).model
         assert model is not None
         spec = model.use_of(call, site, weight, bias)
+        if call.absorbs is not None and not self._absorb(call.absorbs, spec):
+            self.on_unsupported(
+                spec.first_part, f"{call.kind} whose first half was not traced", site
+            )
+            return call.run()
         discovering = self.discovering
         if spec not in self.uses and not discovering:
             self.unexpected.setdefault(spec)
-            return call.run()
+            return self._remember(call.run(), spec, None)
         sums = self.sums_of(spec)
         layout = self._sample_layout(sums, call)
         if isinstance(layout, str):  # no per-sample gradient: the use cannot be a block
@@ -335,7 +344,33 @@ class UseCapture(UseListener):
                     layer_input, self.forward_id, self.batch_size, call, self.positions
                 )
             output.register_hook(functools.partial(self._output_gradient, spec, sums, pending))
+            return self._remember(output, spec, pending)
+        return self._remember(output, spec, None)
+
+    def _remember(self, output: Any, spec: UseSpec, pending: PendingCall | None) -> Any:
+        """Note the output of a recognised call (a later call may absorb it)."""
+        if isinstance(output, Tensor):
+            self._outputs[id(output)] = (weakref.ref(output), spec, pending)
         return output
+
+    def _absorb(self, earlier: Tensor, spec: UseSpec) -> bool:
+        """Withdraw the use that produced ``earlier`` from this forward (a later call models it
+        together with its own parameter); False if no traced call produced it."""
+        entry = self._outputs.pop(id(earlier), None)
+        if entry is None or entry[0]() is not earlier:
+            return False
+        _, absorbed, pending = entry
+        if absorbed == spec:
+            return True
+        sums = self.uses.get(absorbed)
+        if pending is not None and sums is not None:
+            sums.cancel(pending)
+        self.unexpected.pop(absorbed, None)
+        if self.discovering:
+            self.discovered.pop(absorbed, None)
+            if sums is not None and not sums.open_calls:
+                self.uses.pop(absorbed, None)
+        return True
 
     def _sample_layout(self, sums: UseSums, call: RecognizedCall) -> SampleLayout | str:
         x = call.input

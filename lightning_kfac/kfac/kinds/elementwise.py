@@ -35,6 +35,28 @@ def _is_parameter(value: Any) -> bool:
     return leaf.is_leaf and leaf.requires_grad
 
 
+_VIEWS = ("ViewBackward0", "AliasBackward0", "ExpandBackward0")
+
+
+def _scale_of(product: Tensor, like: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(w, x)`` when ``product`` is ``w * x`` (either order) with ``w`` a parameter shaped like
+    ``like`` (read from the product's autograd node and the tensors it saved), else None."""
+    node = product.grad_fn
+    if node is None or node.name() != "MulBackward0":
+        return None
+    for position, (source, _) in enumerate(node.next_functions):
+        while source is not None and source.name() in _VIEWS:
+            source = source.next_functions[0][0]
+        variable = getattr(source, "variable", None)
+        if isinstance(variable, Tensor) and variable.shape == like.shape and variable is not like:
+            try:
+                other = node._saved_other if position == 0 else node._saved_self
+            except RuntimeError:  # not saved (freed): not a pair this library can model
+                return None
+            return variable, other
+    return None
+
+
 def _binary(op: str, reflected: bool = False) -> Any:
     """Recogniser of ``op(a, b)`` (``reflected``: ``b op a``, the ``__r*__`` methods)."""
 
@@ -48,6 +70,13 @@ def _binary(op: str, reflected: bool = False) -> Any:
         weight, x = (a, b) if first else (b, a)
         sign = -1.0 if (op == "sub" and not first) else 1.0
         slot_index = (0 if first else 1) if not reflected else (1 if first else 0)
+        pair = _scale_of(x, like=weight) if op == "add" else None
+        if pair is not None:  # x = w * h: a scale and shift per channel, one unit-wise use
+            scale, h = pair
+            return RecognizedCall(
+                NAME, func, args, kwargs, h, scale, weight, None, slot_index,
+                detail=("affine",), absorbs=x,
+            )  # fmt: skip
         call = RecognizedCall(
             NAME, func, args, kwargs, x, weight, None, slot_index, None,
             detail=(op,), routing=sign,
@@ -88,6 +117,8 @@ class ElementwiseModel(UnitWiseModel):
     ) -> str | None:
         if weight is None:
             return f"elementwise {call.detail[0]} with a parameter K-FAC does not train"
+        if bias is not None and (bias.is_part or call.detail[0] != "affine"):
+            return f"elementwise {call.detail[0]} with a slice of the parameter"
         if weight.rows is not None or weight.selected or weight.transposed:
             return f"elementwise {call.detail[0]} with a slice of the parameter"
         if call.detail[0] != "cat" and weight.broadcast:
@@ -120,7 +151,7 @@ class ElementwiseModel(UnitWiseModel):
     ) -> tuple[Tensor | None, tuple[int, ...], float]:
         op = self.spec.detail[0]
         shape = tuple(call.weight.shape) if isinstance(call.weight, Tensor) else ()
-        keep = layer_input if op == "mul" else None  # the product's other factor
+        keep = layer_input if op in ("mul", "affine") else None  # the product's other factor
         return keep, shape, float(call.routing or 1.0)
 
     def end_samples(
@@ -132,6 +163,11 @@ class ElementwiseModel(UnitWiseModel):
     ) -> SampleCall:
         other, weight_shape, sign = begun
         op = self.spec.detail[0]
+        if op == "affine":  # (scale, shift): u = (Σ g h, Σ g) per channel
+            assert other is not None
+            parts = [output_gradient * other.to(output_gradient.dtype), output_gradient]
+            samples = [self._per_sample(p, weight_shape, batch_dim, batch_size) for p in parts]
+            return SampleCall(None, 0, torch.cat(samples, dim=-1))
         if op == "cat":
             _, dim, start, length = self.spec.detail
             gradient = output_gradient.narrow(dim, start, length)
