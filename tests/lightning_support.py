@@ -15,6 +15,7 @@ import socket
 import time
 import traceback
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -203,40 +204,68 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _launched_rank(
-    rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple[Any, ...], out: Path
+def launched_environment(rank: int, world: int, out: Path) -> None:
+    """What torchrun (or SLURM) gives each process: Lightning sees processes created externally
+    and launches nothing; every process runs the whole script."""
+    port = (out / "port").read_text()
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=port,
+        WORLD_SIZE=str(world),
+        NODE_RANK="0",
+        LOCAL_RANK=str(rank),
+        RANK=str(rank),
+    )
+
+
+def gloo_process_group(rank: int, world: int, out: Path) -> None:
+    """A gloo process group over a file store in ``out``."""
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{out / 'store'}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
+
+
+def _rank_main(
+    rank: int,
+    world: int,
+    prepare: Callable[[int, int, Path], None],
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    out: Path,
 ) -> None:
     code = 0
     try:
-        # What torchrun (or SLURM) gives each process: Lightning sees processes created
-        # externally and launches nothing; every process runs the whole script.
-        os.environ.update(
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            WORLD_SIZE=str(world),
-            NODE_RANK="0",
-            LOCAL_RANK=str(rank),
-            RANK=str(rank),
-        )
+        prepare(rank, world, out)
         torch.save(fn(rank, *args), out / f"rank{rank}.pt")
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     except BaseException:
         (out / f"rank{rank}.err").write_text(traceback.format_exc())
         code = 1
     os._exit(code)  # a forked pytest must not run the parent's exit handlers
 
 
-def run_as_launched_ranks(
-    fn: Callable[..., Any], tmp_path: Path, *args: Any, world: int = 2, limit: float = 150.0
+def run_forked(
+    fn: Callable[..., Any],
+    tmp_path: Path,
+    *args: Any,
+    world: int = 2,
+    limit: float = 150.0,
+    prepare: Callable[[int, int, Path], None] = gloo_process_group,
 ) -> list[Any]:
-    """``fn(rank, *args)`` in ``world`` forked processes that look to Lightning as ``torchrun``
-    started them (so each process keeps its Trainer across several ``fit`` calls, as with the
-    popen launcher, at the cost of a fork); the return values, by rank."""
+    """``fn(rank, *args)`` in ``world`` forked processes, each first ``prepare``-d (a gloo process
+    group, or the environment of ``launched_environment``); the return values, by rank. A rank
+    that raises or outlives ``limit`` seconds fails the test with its traceback."""
     out = tmp_path / f"ranks-{time.monotonic_ns()}"
     out.mkdir()
-    port = _free_port()
+    (out / "port").write_text(str(_free_port()))
     context = multiprocessing.get_context("fork")
     processes = [
-        context.Process(target=_launched_rank, args=(rank, world, port, fn, args, out))
+        context.Process(target=_rank_main, args=(rank, world, prepare, fn, args, out))
         for rank in range(world)
     ]
     for process in processes:
@@ -255,7 +284,17 @@ def run_as_launched_ranks(
     ]
     assert not hung, f"ranks {hung} still running after {limit} s (deadlock?)\n" + "\n".join(errors)
     assert not errors, "\n".join(errors)
+    assert all(p.exitcode == 0 for p in processes), [p.exitcode for p in processes]
     return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
+
+
+def run_as_launched_ranks(
+    fn: Callable[..., Any], tmp_path: Path, *args: Any, world: int = 2, limit: float = 150.0
+) -> list[Any]:
+    """``fn(rank, *args)`` in forked processes that look to Lightning as ``torchrun`` started them
+    (so each process keeps its Trainer across several ``fit`` calls, as with the popen launcher,
+    at the cost of a fork)."""
+    return run_forked(fn, tmp_path, *args, world=world, limit=limit, prepare=launched_environment)
 
 
 class YourModel(TinyClassifier):

@@ -8,13 +8,8 @@ and write their results to files; the parent compares them. Nothing here mocks t
 from __future__ import annotations
 
 import itertools
-import multiprocessing
-import os
-import time
-import traceback
 import warnings
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,58 +23,17 @@ from lightning_kfac import KFACPreconditioner
 from lightning_kfac.distributed import TorchDistributedDistributor
 from lightning_kfac.distributed.assignment import assign_by_cost
 from lightning_kfac.distributed.comm import BucketedAllReduce, broadcast_flat, pack, unpack_
+from tests.lightning_support import run_forked
 
 WORLD = 2
 
 
 # -- running functions on 2 gloo ranks ---------------------------------------------------------
-def _worker(rank: int, fn: Callable[..., Any], args: tuple[Any, ...], directory: Path) -> None:
-    code = 0
-    try:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"file://{directory / 'store'}",
-            rank=rank,
-            world_size=WORLD,
-            timeout=timedelta(seconds=60),
-        )
-        result = fn(rank, *args)
-        torch.save(result, directory / f"rank{rank}.pt")
-        dist.destroy_process_group()
-    except BaseException:
-        (directory / f"rank{rank}.err").write_text(traceback.format_exc())
-        code = 1
-    os._exit(code)  # a forked pytest must not run the parent's exit handlers
-
-
 def run_on_two_ranks(
     fn: Callable[..., Any], tmp_path: Path, *args: Any, limit: float = 120.0
 ) -> list[Any]:
     """``fn(rank, *args)`` on 2 forked gloo processes; their return values, by rank."""
-    directory = tmp_path / f"gloo-{time.monotonic_ns()}"
-    directory.mkdir()
-    context = multiprocessing.get_context("fork")
-    processes = [
-        context.Process(target=_worker, args=(rank, fn, args, directory)) for rank in range(WORLD)
-    ]
-    for process in processes:
-        process.start()
-    deadline = time.monotonic() + limit
-    for process in processes:
-        process.join(max(0.0, deadline - time.monotonic()))
-    hung = [rank for rank, p in enumerate(processes) if p.is_alive()]
-    for rank in hung:
-        processes[rank].kill()
-        processes[rank].join()
-    errors = [
-        f"rank {rank}:\n{(directory / f'rank{rank}.err').read_text()}"
-        for rank in range(WORLD)
-        if (directory / f"rank{rank}.err").exists()
-    ]
-    assert not hung, f"ranks {hung} still running after {limit} s (deadlock?)\n" + "\n".join(errors)
-    assert not errors, "\n".join(errors)
-    assert all(p.exitcode == 0 for p in processes), [p.exitcode for p in processes]
-    return [torch.load(directory / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+    return run_forked(fn, tmp_path, *args, world=WORLD, limit=limit)
 
 
 # -- pack / unpack -------------------------------------------------------------------------------
