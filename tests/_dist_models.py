@@ -135,6 +135,14 @@ class StallAfterBackward(pl.Callback):
 VOCAB, WIDTH, LENGTH = 11, 6, 5
 
 
+def next_token_loader(batch_size: int) -> DataLoader:
+    """64 random token sequences and their next tokens (the language models' data)."""
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, VOCAB, (64, LENGTH + 1), generator=gen)
+    data = TensorDataset(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
+    return DataLoader(data, batch_size=batch_size)
+
+
 class TiedLanguageModel(pl.LightningModule):
     """Embedding and output head share one weight: one parameter, two uses (K-FAC keeps factors
     per use and all-reduces the per-use gradients)."""
@@ -161,10 +169,7 @@ class TiedLanguageModel(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
     def train_dataloader(self) -> DataLoader:
-        gen = torch.Generator().manual_seed(3)
-        tokens = torch.randint(0, VOCAB, (64, LENGTH + 1), generator=gen)
-        data = TensorDataset(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
-        return DataLoader(data, batch_size=self.batch_size)
+        return next_token_loader(self.batch_size)
 
 
 # -- a branch some ranks take ---------------------------------------------------------------------
@@ -356,10 +361,7 @@ class RecurrentModel(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
     def train_dataloader(self) -> DataLoader:
-        gen = torch.Generator().manual_seed(3)
-        tokens = torch.randint(0, VOCAB, (64, LENGTH + 1), generator=gen)
-        data = TensorDataset(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
-        return DataLoader(data, batch_size=self.batch_size)
+        return next_token_loader(self.batch_size)
 
 
 class MoELanguageModel(pl.LightningModule):
@@ -382,7 +384,4 @@ class MoELanguageModel(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
     def train_dataloader(self) -> DataLoader:
-        gen = torch.Generator().manual_seed(3)
-        tokens = torch.randint(0, VOCAB, (64, LENGTH + 1), generator=gen)
-        data = TensorDataset(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
-        return DataLoader(data, batch_size=self.batch_size)
+        return next_token_loader(self.batch_size)

@@ -191,6 +191,21 @@ def trainer_kwargs(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
     return kwargs
 
 
+def fit_in_process(
+    tmp_path: Path, module: pl.LightningModule, strategy: Any, **overrides: Any
+) -> pl.Trainer:
+    """One rank, in this process (warnings, exceptions and the strategy are observable). Its
+    world-size-1 process group is destroyed afterwards: workers forked later in the same test
+    must not inherit it (they would skip their own initialisation and hang)."""
+    ckpt_path = overrides.pop("ckpt_path", None)
+    trainer = pl.Trainer(strategy=strategy, devices=1, **trainer_kwargs(tmp_path, **overrides))
+    try:
+        trainer.fit(module, ckpt_path=ckpt_path)
+    finally:
+        destroy_process_group()
+    return trainer
+
+
 def destroy_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -55,6 +55,7 @@ from tests.lightning_support import (
     SaveAfterEpoch,
     TinyClassifier,
     destroy_process_group,
+    fit_in_process,
     trainer_kwargs,
 )
 
@@ -84,21 +85,6 @@ def fit_two_ranks(
     )
     trainer.fit(module, ckpt_path=ckpt_path)
     return load_ranks(tmp_path, tag, devices)
-
-
-def fit_in_process(
-    tmp_path: Path, module: pl.LightningModule, strategy: KFACDDPStrategy, **overrides: Any
-) -> pl.Trainer:
-    """One rank, in this process (warnings, exceptions and the strategy are observable). Its
-    world-size-1 process group is destroyed afterwards: workers forked later in the same test
-    must not inherit it (they would skip their own initialisation and hang)."""
-    ckpt_path = overrides.pop("ckpt_path", None)
-    trainer = pl.Trainer(strategy=strategy, devices=1, **trainer_kwargs(tmp_path, **overrides))
-    try:
-        trainer.fit(module, ckpt_path=ckpt_path)
-    finally:
-        destroy_process_group()
-    return trainer
 
 
 def assert_kfac_ran(results: list[dict[str, Any]], steps: int, mode: str = MODES[0]) -> None:

@@ -23,6 +23,7 @@ from lightning_kfac.strategy import CHECKPOINT_MARKER
 from tests.lightning_support import (
     TinyClassifier,
     destroy_process_group,
+    fit_in_process,
     relative_difference,
     run_as_launched_ranks,
     trainer_kwargs,
@@ -93,19 +94,9 @@ def test_second_fit_continues_kfac_like_one_longer_fit(tmp_path: Path, mode: str
         assert not [w for w in result["warnings"] if "K-FAC" in w], result["warnings"]
 
 
-def fit_in_process(tmp_path: Path, strategy: Any, module: pl.LightningModule, **overrides: Any):
-    ckpt_path = overrides.pop("ckpt_path", None)
-    trainer = pl.Trainer(strategy=strategy, devices=1, **trainer_kwargs(tmp_path, **overrides))
-    try:
-        trainer.fit(module, ckpt_path=ckpt_path)
-    finally:
-        destroy_process_group()
-    return trainer
-
-
 def test_second_fit_of_another_module_starts_afresh(tmp_path: Path) -> None:
     strategy = KFACDDPStrategy(start_method="popen", kl_clip=None)
-    trainer = fit_in_process(tmp_path, strategy, TinyClassifier(batch_size=16), max_steps=3)
+    trainer = fit_in_process(tmp_path, TinyClassifier(batch_size=16), strategy, max_steps=3)
     assert strategy.preconditioner.steps == 3
     trainer.fit_loop.epoch_loop.max_steps = 5
     other = TinyClassifier(batch_size=16)
@@ -120,7 +111,7 @@ def test_second_fit_of_another_module_starts_afresh(tmp_path: Path) -> None:
 def save_checkpoint(tmp_path: Path, **options: Any) -> Path:
     path = tmp_path / "kfac.ckpt"
     strategy = KFACDDPStrategy(start_method="popen", inverse_update_interval=2, **options)
-    trainer = fit_in_process(tmp_path, strategy, TinyClassifier(batch_size=16), max_steps=3)
+    trainer = fit_in_process(tmp_path, TinyClassifier(batch_size=16), strategy, max_steps=3)
     trainer.save_checkpoint(path)
     return path
 
@@ -129,7 +120,7 @@ def resume(tmp_path: Path, path: Path, strategy: Any) -> tuple[pl.Trainer, list[
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer = fit_in_process(
-            tmp_path, strategy, TinyClassifier(batch_size=16), max_steps=5, ckpt_path=path
+            tmp_path, TinyClassifier(batch_size=16), strategy, max_steps=5, ckpt_path=path
         )
     return trainer, [str(w.message) for w in caught]
 
@@ -205,7 +196,7 @@ def test_frozen_parameter_on_resume_is_named_as_frozen(tmp_path: Path) -> None:
 
     strategy = KFACDDPStrategy(start_method="popen")
     with pytest.raises(ValueError, match=r"net\.5\.weight, which does not require grad"):
-        fit_in_process(tmp_path, strategy, Frozen(), max_steps=5, ckpt_path=path)
+        fit_in_process(tmp_path, Frozen(), strategy, max_steps=5, ckpt_path=path)
 
 
 def test_kfac_checkpoint_resumed_without_kfac_says_the_state_is_dropped(tmp_path: Path) -> None:
@@ -213,7 +204,7 @@ def test_kfac_checkpoint_resumed_without_kfac_says_the_state_is_dropped(tmp_path
     assert CHECKPOINT_MARKER in torch.load(path, weights_only=True)["callbacks"]
     with pytest.warns(UserWarning, match=r"K-FAC state .* is dropped unless the run resumes with"):
         trainer = fit_in_process(
-            tmp_path, "ddp", TinyClassifier(batch_size=16), max_steps=5, ckpt_path=path
+            tmp_path, TinyClassifier(batch_size=16), "ddp", max_steps=5, ckpt_path=path
         )
     assert trainer.global_step == 5
 
