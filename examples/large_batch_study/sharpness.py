@@ -6,24 +6,21 @@ Hessian, found by power iteration ``v ← H v / ||H v||`` where ``H v`` is a sec
 (Pearlmutter 1994), never forming ``H``. Compare runs at matched training loss: ``λ_max`` collapses
 as the loss goes to zero.
 
-The study measures it with ``SharpnessHistory`` (at matched training losses, in each run's
-history); ``SharpnessCallback`` logs it every few epochs instead. (Formerly
+The study measures it with ``training.RunRecord`` (at matched training losses, in each run's
+record); ``SharpnessCallback`` logs it every few epochs instead. (Formerly
 ``lightning_kfac.sharpness`` and ``lightning_kfac.SharpnessCallback``: a diagnostic of the
 study, not part of K-FAC.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from examples.train import History
 
 #: Power iteration for the study's sharpness: at most this many Hessian-vector products, stopping
 #: when the estimate changes by less than the tolerance (relative).
@@ -91,87 +88,6 @@ def model_sharpness(
         return top_hessian_eigenvalue(loss_fn, model.parameters(), **options)
     finally:
         model.train(was_training)
-
-
-class SharpnessHistory(History):
-    """``History`` that also records the sharpness when the clean training loss first reaches
-    each value of ``levels`` (so runs are compared at a matched training loss).
-
-    ``sharpness`` in the JSON maps each reached loss level (``f"{level:g}"``) to
-    ``{"top_eigenvalue", "hessian_vector_products", "train_loss", "step"}``; levels crossed at
-    the same evaluation share one measurement. The Hessian is that of the first ``samples``
-    training samples' loss (eval mode; power iteration from a fixed random vector, see
-    ``SHARPNESS_ITERATIONS``).
-
-    Args:
-        path: Where rank 0 writes the run's JSON.
-        datamodule: The run's data (its ``train_set`` tensors).
-        levels: Training losses at which to measure (none: no measurement).
-        samples: How many training samples (the first ones) define the Hessian.
-    """
-
-    def __init__(
-        self,
-        path: Path,
-        datamodule: Any = None,
-        *,
-        levels: float | Sequence[float] | None = None,
-        samples: int = 256,
-    ) -> None:
-        super().__init__(path, datamodule)
-        self.samples = samples
-        if levels is None:
-            levels = ()
-        elif isinstance(levels, (int, float)):
-            levels = (levels,)
-        self.levels = tuple(sorted(levels, reverse=True))
-        self.sharpness: dict[str, dict[str, float]] = {}
-
-    def after_training_loss(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: Tensor, y: Tensor
-    ) -> None:
-        """Sharpness once the training loss reaches a level not measured yet."""
-        reached = [
-            f"{level:g}"
-            for level in self.levels
-            if self.train_loss <= level and f"{level:g}" not in self.sharpness
-        ]
-        if reached:
-            measured = self._sharpness(pl_module, x[: self.samples], y)
-            for level in reached:
-                self.sharpness[level] = {
-                    **measured,
-                    "train_loss": self.train_loss,
-                    "step": trainer.global_step,
-                }
-
-    def _sharpness(self, module: nn.Module, x: Tensor, y: Tensor) -> dict[str, float]:
-        """``λ_max`` of the Hessian of the mean cross-entropy on ``x`` (eval mode), by at most
-        ``SHARPNESS_ITERATIONS`` Hessian-vector products; also how many were needed."""
-        y = y[: len(x)]
-        products = 0
-
-        def loss() -> Tensor:
-            nonlocal products
-            products += 1
-            return torch.nn.functional.cross_entropy(module(x), y)
-
-        was_training = module.training
-        module.eval()
-        try:
-            value = top_hessian_eigenvalue(
-                loss,
-                module.parameters(),
-                iterations=SHARPNESS_ITERATIONS,
-                tolerance=SHARPNESS_TOLERANCE,
-                generator=torch.Generator().manual_seed(0),
-            )
-        finally:
-            module.train(was_training)
-        return {"top_eigenvalue": value, "hessian_vector_products": products}
-
-    def results(self) -> dict[str, Any]:
-        return {"sharpness": self.sharpness}
 
 
 class SharpnessCallback(pl.Callback):
