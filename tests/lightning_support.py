@@ -12,6 +12,9 @@ from __future__ import annotations
 import multiprocessing
 import os
 import socket
+import subprocess
+import sys
+import textwrap
 import time
 import traceback
 from collections.abc import Callable
@@ -323,3 +326,20 @@ class YourModel(TinyClassifier):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.trainer.global_step >= self.steps:
             self.trainer.should_stop = True
+
+
+def run_fresh_python(code: str, timeout: float) -> str:
+    """``code`` (dedented) in a fresh interpreter importing this checkout, one intra-op thread;
+    its stdout. Fails the test, with the child's output, when the child fails."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout

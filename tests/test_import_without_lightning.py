@@ -4,13 +4,9 @@ say what they need. Each check runs in a fresh interpreter, so nothing imported 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.lightning_support import run_fresh_python
+
 #: What "Lightning is not installed" hides: the packages and their own dependencies.
 LIGHTNING = ("pytorch_lightning", "lightning", "lightning_fabric", "lightning_utilities")
 PUBLIC_NAMES = [
@@ -50,17 +46,7 @@ sys.meta_path.insert(0, NoLightning())
 
 def run_child(code: str) -> dict:
     """Run ``code`` in a fresh interpreter importing this checkout; return the JSON it prints."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(run_fresh_python(code, timeout=120).strip().splitlines()[-1])
 
 
 def test_the_core_imports_and_runs_without_lightning() -> None:

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -17,9 +13,12 @@ from torch.utils.data import DataLoader
 L = pytest.importorskip("lightning.pytorch")
 
 from lightning_kfac.lightning import KFACDDPStrategy  # noqa: E402  (registers in lightning.pytorch)
-from tests.lightning_support import make_dataset, make_network, relative_difference  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.lightning_support import (  # noqa: E402
+    make_dataset,
+    make_network,
+    relative_difference,
+    run_fresh_python,
+)
 
 
 class UnifiedClassifier(L.LightningModule):
@@ -79,17 +78,7 @@ def test_unified_package_names_and_equivalence(tmp_path: Path) -> None:
 def run_child(code: str) -> str:
     """``code`` in a fresh interpreter importing this checkout (nothing of Lightning imported yet);
     its stdout."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=150,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
+    return run_fresh_python(code, timeout=150)
 
 
 def test_names_registered_in_lightning_pytorch_imported_after_lightning_kfac() -> None:
