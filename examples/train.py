@@ -43,20 +43,7 @@ if __package__ in (None, ""):  # `python examples/train.py`: make `examples` imp
 
 import lightning_kfac  # noqa: F401  (registers kfac_ddp, kfac_ddp_fork, kfac_ddp_spawn)
 from examples.model import Classifier
-
-
-def wandb_has_api_key() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    netrc = Path.home() / ".netrc"
-    return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
-
-
-def wandb_offline() -> bool:
-    """Whether W&B runs are written locally only (no API key, or ``WANDB_MODE`` says so)."""
-    if "WANDB_MODE" not in os.environ:
-        return not wandb_has_api_key()
-    return os.environ["WANDB_MODE"] in ("offline", "dryrun", "disabled")
+from examples.wandb_mode import wandb_offline
 
 
 def _train_cli() -> type:

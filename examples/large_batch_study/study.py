@@ -67,12 +67,8 @@ from examples.large_batch_study.report import (
     write_docs,
 )
 from examples.large_batch_study.training import fit
-from examples.large_batch_study.wandb_runs import (
-    MetricsRecorder,
-    publish,
-    wandb_available,
-    wandb_offline,
-)
+from examples.large_batch_study.wandb_runs import MetricsRecorder, publish
+from examples.wandb_mode import wandb_available, wandb_offline
 from lightning_kfac import KFACOptions
 
 #: When this module was imported (the start of the process when ``/proc`` cannot tell).

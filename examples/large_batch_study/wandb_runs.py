@@ -21,23 +21,7 @@ from typing import Any
 from pytorch_lightning.loggers.logger import Logger
 from pytorch_lightning.utilities import rank_zero_only
 
-
-def wandb_available() -> bool:
-    try:
-        import wandb  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def wandb_offline() -> bool:
-    """Whether W&B runs are written locally only (no API key, or ``WANDB_MODE`` says so)."""
-    if "WANDB_MODE" in os.environ:
-        return os.environ["WANDB_MODE"] in ("offline", "dryrun", "disabled")
-    if os.environ.get("WANDB_API_KEY"):
-        return False
-    netrc = Path.home() / ".netrc"
-    return not (netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore"))
+from examples.wandb_mode import wandb_offline
 
 
 def _plain(value: Any) -> Any:
